@@ -1,0 +1,42 @@
+# The two commands: `make pipeline` and `make test`. Each creates .venv if needed and installs the project.
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+
+# No phone-home from the stack (MLflow honours only the literal "true"); Prefect state stays in the project.
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_HOME
+# DVC runs stage commands with whatever python/metadqn is first on PATH: make it the venv's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install pipeline test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch pinned here: a CPU wheel on local disk (a looser spec pulls a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+pipeline: $(STAMP)
+	$(BIN)/metadqn pipeline
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/dqn_throughput.py
+
+clean-venv:
+	rm -rf $(VENV)

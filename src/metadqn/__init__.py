@@ -1,0 +1,25 @@
+"""metadqn: reproducible meta-reinforcement-learning with deep Q-learning.
+
+Importing the package switches off every phone-home of the stack (Prefect, MLflow, DVC analytics) unless
+the user set the variables already, and points Prefect at a project-local home so that a run never
+touches ``~/.prefect``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# MLflow only honours the literal string "true".
+_OFFLINE_DEFAULTS = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+for _key, _value in _OFFLINE_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+
+__version__ = "0.1.0"

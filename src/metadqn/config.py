@@ -1,0 +1,294 @@
+"""``params.yaml`` as typed, validated config objects (one section per stage).
+
+Every hyperparameter lives in ``params.yaml``; this module is its schema. Each field's docstring is its
+documentation. A bad value is refused with one line naming the file, the key and the rule, e.g.
+``params.yaml: collect.n_train_tasks must be >= 2 (got 0)``. A second file (``--params`` or the
+``METADQN_PARAMS`` environment variable) can be overlaid on ``params.yaml`` for tests and quick runs; it is
+merged key by key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+PARAMS_ENV = "METADQN_PARAMS"
+
+
+class ParamsError(ValueError):
+    """A user mistake in a params file; its message is one line, ready to print."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class RangeOverride(_Section):
+    train: list[tuple[float, float]]
+    """Intervals R for train, validation and interpolation-test tasks."""
+    extrap: list[tuple[float, float]] | None = None
+    """Intervals E for extrapolation-test tasks (default: the same as train)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeOverride:
+        for lo, hi in [*self.train, *(self.extrap or [])]:
+            if lo > hi:
+                raise ValueError(f"interval [{lo}, {hi}] has low > high")
+        return self
+
+
+class FamilyConfig(_Section):
+    name: str = "cartpole-mirrored"
+    """Task family: cartpole, cartpole-mirrored, acrobot or mountaincar."""
+    ranges: dict[str, RangeOverride] = Field(default_factory=dict)
+    """Optional per-parameter range overrides, e.g. {gravity: {train: [[8, 12]]}}."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from metadqn.envs.families import FAMILIES
+
+        if v not in FAMILIES:
+            raise ValueError(f"must be one of {', '.join(FAMILIES)} (got {v!r})")
+        return v
+
+    @field_validator("ranges")
+    @classmethod
+    def _known_params(cls, v: dict[str, RangeOverride], info: ValidationInfo) -> dict[str, RangeOverride]:
+        from metadqn.envs.families import FAMILIES
+
+        name = info.data.get("name")
+        if name is None:  # the name itself was refused; that error is reported instead
+            return v
+        names = FAMILIES[name].param_names
+        for key in v:
+            if key not in names:
+                raise ValueError(f"has unknown parameter {key!r} for {name} (known: {', '.join(names)})")
+        return v
+
+    def family(self):
+        """The :class:`~metadqn.envs.families.Family` with this config's range overrides applied."""
+        from metadqn.envs.families import get_family
+
+        return get_family(self.name).with_ranges(
+            {k: v.model_dump(exclude_none=True) for k, v in self.ranges.items()}
+        )
+
+
+class DQNConfig(_Section):
+    """DQN hyperparameters, shared by expert training (collect) and fine-tuning (meta-test)."""
+
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64], min_length=1)
+    """Widths of the Q-network's hidden layers (ReLU MLP)."""
+    total_steps: int = Field(50_000, ge=1)
+    """Environment steps per task (summed over the task's parallel environments)."""
+    envs_per_task: int = Field(8, ge=1)
+    """Parallel environments per task (gymnasium vector env)."""
+    buffer_size: int = Field(50_000, ge=1)
+    """Replay capacity per task, in transitions (rounded up to a multiple of envs_per_task)."""
+    batch_size: int = Field(64, ge=1)
+    """Transitions per task per gradient step."""
+    learning_rate: float = Field(2.3e-3, gt=0)
+    """Adam step size."""
+    gamma: float = Field(0.99, ge=0, le=1)
+    """Discount factor."""
+    learning_starts: int = Field(1_000, ge=0)
+    """Environment steps per task before the first gradient step."""
+    train_frequency: int = Field(256, ge=1)
+    """Environment steps per task between bursts of gradient steps."""
+    gradient_steps: int = Field(128, ge=1)
+    """Gradient steps per burst (RL-Zoo's tuned CartPole DQN: 128 every 256 steps)."""
+    target_update_interval: int = Field(128, ge=1)
+    """Gradient steps between target-network updates (128 with the default burst = RL-Zoo's setting,
+    whose SB3 target update every 10 env steps falls once between bursts of 128 gradient steps)."""
+    tau: float = Field(1.0, gt=0, le=1)
+    """Target update rate: 1.0 is a hard copy, smaller is Polyak averaging."""
+    exploration_fraction: float = Field(0.16, ge=0, le=1)
+    """Fraction of total_steps over which epsilon decays linearly."""
+    epsilon_start: float = Field(1.0, ge=0, le=1)
+    """Initial exploration rate."""
+    epsilon_end: float = Field(0.04, ge=0, le=1)
+    """Final exploration rate."""
+    double_dqn: bool = True
+    """Select next actions with the online network, evaluate them with the target (van Hasselt 2016)."""
+    max_grad_norm: float = Field(10.0, gt=0)
+    """Per-task gradient-norm clip."""
+    eval_interval: int = Field(2_500, ge=1)
+    """Environment steps per task between greedy evaluations (learning-curve points)."""
+    eval_episodes: int = Field(10, ge=1)
+    """Greedy episodes per evaluation."""
+    early_stop_return: float | None = None
+    """Stop training a task once a greedy evaluation reaches this return (null: never)."""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where to train: cpu, cuda, or auto (cuda when present)."""
+    torch_threads: int = Field(0, ge=0)
+    """torch intra-op threads (0: torch's default, all cores)."""
+
+
+class CollectConfig(_Section):
+    """The collect stage: task sets, expert training and the trajectory dataset."""
+
+    task_seed: int = 0
+    """Seed of the task sampler (task parameters per split)."""
+    seed: int = 0
+    """Seed of expert training and data collection."""
+    n_train_tasks: int = Field(32, ge=2)
+    """Training tasks (meta-training reads only these)."""
+    n_val_tasks: int = Field(8, ge=1)
+    """Validation tasks (model selection in meta-training)."""
+    n_interp_tasks: int = Field(8, ge=1)
+    """Interpolation-test tasks (parameters from the training ranges R)."""
+    n_extrap_tasks: int = Field(8, ge=0)
+    """Extrapolation-test tasks (parameters from the ranges E)."""
+    group_size: int = Field(64, ge=1)
+    """Tasks trained together in one batched trainer (one Prefect task; one Dask task when scaled out)."""
+    exploration_steps: int = Field(1_000, ge=0)
+    """Transitions per task under the uniform-random policy (source 'exploration')."""
+    expert_steps: int = Field(2_000, ge=0)
+    """Transitions per task from the expert's epsilon-greedy policy (source 'expert')."""
+    expert_epsilon: float = Field(0.05, ge=0, le=1)
+    """Exploration rate of the expert rollouts, so that the data covers a little off-policy."""
+    replay_rows: int = Field(4_000, ge=0)
+    """Most recent transitions per task kept from the expert's replay buffer (source 'replay')."""
+    rollout_envs_per_task: int = Field(4, ge=1)
+    """Parallel environments per task for the exploration and expert rollouts."""
+
+    def counts(self) -> dict[str, int]:
+        return {"train": self.n_train_tasks, "val": self.n_val_tasks,
+                "interp": self.n_interp_tasks, "extrap": self.n_extrap_tasks}
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    """Log runs to MLflow (URI from MLFLOW_TRACKING_URI, default sqlite:///mlflow.db, artifacts in mlruns/)."""
+
+
+class Params(BaseModel):
+    """The whole ``params.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    family: FamilyConfig = Field(default_factory=FamilyConfig)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    dqn: DQNConfig = Field(default_factory=DQNConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def digest(self) -> str:
+        """A short, stable hash of every value (recorded with each run and model version)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found (run from the project root, or pass --params PATH)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections (family, collect, dqn, ...)")
+    return data
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _has_key(d: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if not isinstance(d, Mapping) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
+_RULES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "extra_forbidden": "is not a known key",
+    "missing": "is required",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "literal_error": "must be one of {expected}",
+    "too_short": "must have at least {min_length} item(s)",
+    "tuple_type": "must be a [low, high] pair",
+}
+
+
+def _format_error(err: Mapping[str, Any], source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    ctx = err.get("ctx") or {}
+    rule = _RULES.get(err["type"])
+    if rule is not None:
+        try:
+            rule = rule.format(**ctx)
+        except (KeyError, IndexError):
+            rule = None
+    if rule is None:
+        rule = str(err["msg"]).removeprefix("Value error, ")
+    got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+    if err["type"] == "value_error":
+        got = ""
+    return f"{source}: {loc} {rule}{got}"
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overlay: Path | str | None = None) -> Params:
+    """Reads ``path`` (and ``overlay``, else ``$METADQN_PARAMS``, merged over it) into :class:`Params`.
+
+    Raises :class:`ParamsError` with a one-line message on any mistake.
+    """
+    path = Path(path)
+    overlay = overlay if overlay is not None else os.environ.get(PARAMS_ENV) or None
+    data = _read_yaml(path)
+    over: dict[str, Any] = {}
+    if overlay is not None:
+        over = _read_yaml(Path(overlay))
+        data = _merge(data, over)
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        source = str(overlay) if overlay is not None and _has_key(over, tuple(err["loc"])) else str(path)
+        raise ParamsError(_format_error(err, source)) from None

@@ -1,0 +1,1 @@
+"""Trajectory schema and Parquet IO; atomic writes; DVC-compatible hashes."""

@@ -1,0 +1,1 @@
+"""MLflow tracking (runs, metrics, datasets); later the model registry and promotion."""

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metadqn.config import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("collect: {n_train_tasks: 0}", "collect.n_train_tasks must be >= 2 (got 0)"),
+        ("collect: {n_trian_tasks: 5}", "collect.n_trian_tasks is not a known key"),
+        ("bogus: {}", "bogus is not a known key"),
+        ("dqn: {gamma: 1.5}", "dqn.gamma must be <= 1.0 (got 1.5)"),
+        ("dqn: {learning_rate: fast}", "dqn.learning_rate must be a number (got 'fast')"),
+        ("dqn: {hidden_sizes: []}", "dqn.hidden_sizes must have at least 1 item(s)"),
+        ("dqn: {device: tpu}", "dqn.device must be one of"),
+        ("family: {name: pong}", "family.name must be one of cartpole, cartpole-mirrored"),
+        ("family: {ranges: {lenght: {train: [[0.1, 0.2]]}}}", "family.ranges has unknown parameter 'lenght'"),
+        ("collect: [1, 2", "not valid YAML"),
+    ],
+)
+def test_bad_params_give_one_line_naming_the_key(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert expected in message
+
+
+def test_overlay_merges_key_by_key_and_is_named_in_errors(tmp_path):
+    base = _write(tmp_path, "collect: {n_train_tasks: 10, n_val_tasks: 3}\n")
+    over = tmp_path / "over.yaml"
+    over.write_text("collect: {n_val_tasks: 4}\n")
+    p = load_params(base, over)
+    assert (p.collect.n_train_tasks, p.collect.n_val_tasks) == (10, 4)
+    over.write_text("collect: {n_val_tasks: 0}\n")
+    with pytest.raises(ParamsError, match=r"over\.yaml: collect\.n_val_tasks must be >= 1"):
+        load_params(base, over)
+
+
+def test_overlay_from_environment(tmp_path, monkeypatch):
+    base = _write(tmp_path, "{}")
+    over = tmp_path / "over.yaml"
+    over.write_text("dqn: {total_steps: 123}\n")
+    monkeypatch.setenv("METADQN_PARAMS", str(over))
+    assert load_params(base).dqn.total_steps == 123
+
+
+def test_shipped_params_are_valid_and_digest_is_stable():
+    a = load_params(ROOT / "params.yaml")
+    b = load_params(ROOT / "params.yaml")
+    assert a.digest() == b.digest()
+    assert a.family.name == "cartpole-mirrored"
+
+
+def test_cli_refuses_bad_params_with_exit_2_and_touches_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text("collect: {n_train_tasks: 0}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "metadqn.cli", "collect", "--tasks", str(tmp_path / "data" / "tasks.parquet")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: params.yaml: collect.n_train_tasks must be >= 2 (got 0)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
