@@ -97,7 +97,9 @@ class DQNConfig(_Section):
     batch_size: int = Field(64, ge=1)
     """Transitions per task per gradient step."""
     learning_rate: float = Field(2.3e-3, gt=0)
-    """Adam step size."""
+    """Adam step size at the start."""
+    learning_rate_end: float | None = Field(None, gt=0)
+    """If set, the step size decays linearly to this value over total_steps (damps late oscillation)."""
     gamma: float = Field(0.99, ge=0, le=1)
     """Discount factor."""
     learning_starts: int = Field(1_000, ge=0)
@@ -148,6 +150,9 @@ class CollectConfig(_Section):
     """Interpolation-test tasks (parameters from the training ranges R)."""
     n_extrap_tasks: int = Field(8, ge=0)
     """Extrapolation-test tasks (parameters from the ranges E)."""
+    max_rounds: int = Field(3, ge=1)
+    """Training rounds per expert: a task whose expert is not solved after a round is trained again from a
+    new seed (DQN on CartPole is unstable; a restart is cheaper than a longer run for every task)."""
     group_size: int = Field(64, ge=1)
     """Tasks trained together in one batched trainer (one Prefect task; one Dask task when scaled out)."""
     exploration_steps: int = Field(1_000, ge=0)
@@ -166,6 +171,108 @@ class CollectConfig(_Section):
                 "interp": self.n_interp_tasks, "extrap": self.n_extrap_tasks}
 
 
+class HypernetConfig(_Section):
+    """Model-based learner: context encoder + hypernetwork generating every QNetwork parameter."""
+
+    hidden: int = Field(256, ge=8)
+    """Width of the hypernetwork's two hidden layers."""
+    iterations: int = Field(3000, ge=1)
+    """Gradient steps (each over every training task)."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Adam step size."""
+    batch_states: int = Field(128, ge=1)
+    """States per task per step for distillation."""
+    batch_transitions: int = Field(64, ge=1)
+    """Transitions per task per step for the TD loss."""
+    kl_weight: float = Field(1.0, ge=0)
+    """Weight of the policy-distillation KL(softmax(Q_expert/T) || softmax(Q_generated/T)) (Rusu et al. 2016)."""
+    kl_temperature: float = Field(0.01, gt=0)
+    """T of the distillation softmax; small because the experts' action gaps are small (~0.07 on Q ~ 67)."""
+    q_weight: float = Field(0.01, ge=0)
+    """Weight of a Huber loss between generated and expert Q-values (keeps their scale for fine-tuning)."""
+    td_weight: float = Field(0.1, ge=0)
+    """Weight of the TD loss through the generated parameters."""
+    target_tau: float = Field(0.005, gt=0, le=1)
+    """Polyak rate of the slowly updated copy that gives TD targets."""
+    dagger_interval: int = Field(250, ge=1)
+    """Steps between DAgger rounds: roll out the generated policies, label the visited states by the expert."""
+    dagger_steps: int = Field(256, ge=0)
+    """Environment steps per task per DAgger round (0 turns DAgger off)."""
+    dagger_epsilon: float = Field(0.1, ge=0, le=1)
+    """Exploration of the DAgger rollouts."""
+    dagger_capacity: int = Field(4000, ge=1)
+    """DAgger states kept per task (oldest dropped first)."""
+    eval_interval: int = Field(250, ge=1)
+    """Steps between zero-shot evaluations on the validation tasks (checkpoint selection)."""
+    n_seeds: int = Field(3, ge=1)
+    """Independent trainings; the one with the best validation zero-shot return is kept."""
+    oracle: bool = True
+    """Also train hypernet-oracle (fed the true physics) as an analysis reference."""
+
+
+class SiameseConfig(_Section):
+    """Metric-based learner: a Siamese context encoder whose distance predicts expert transfer."""
+
+    target: Literal["cross_eval", "physics"] = "cross_eval"
+    """Regress the distance on 1 - the symmetrised cross-evaluation score, or on physics distance."""
+    iterations: int = Field(1500, ge=1)
+    """Gradient steps (each over every pair of training tasks)."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Adam step size."""
+    k: int = Field(1, ge=1)
+    """Neighbours used at meta-test: 1 starts from the nearest expert, more averages their parameters."""
+    index_contexts: int = Field(8, ge=1)
+    """Random contexts averaged into each training task's index embedding."""
+
+
+class ReptileConfig(_Section):
+    """Optimisation-based learner: Reptile (Nichol et al. 2018) with an offline DQN inner loop."""
+
+    meta_iterations: int = Field(300, ge=1)
+    """Outer steps; each runs the inner loop on every training task at once (batched)."""
+    inner_steps: int = Field(32, ge=1)
+    """TD steps per task per outer step, on the task's stored transitions (offline)."""
+    inner_learning_rate: float = Field(1e-3, gt=0)
+    """Adam step size of the inner loop (fresh Adam state every outer step)."""
+    outer_step: float = Field(0.5, gt=0, le=1)
+    """Reptile's epsilon at the start; it decays linearly to 0."""
+    batch_size: int = Field(64, ge=1)
+    """Transitions per task per inner step."""
+
+
+class MultitaskConfig(_Section):
+    """Baseline: one DQN trained online on all training tasks at once, without task information."""
+
+    total_steps: int = Field(60_000, ge=1)
+    """Environment steps, summed over one environment per training task (domain randomisation)."""
+
+
+class MetaTrainConfig(_Section):
+    """The meta_train stage."""
+
+    seed: int = 0
+    """Seed of every meta-learner."""
+    learners: list[Literal["hypernet", "siamese", "reptile", "multitask"]] = Field(
+        default_factory=lambda: ["hypernet", "siamese", "reptile", "multitask"], min_length=1)
+    """Which learners to train."""
+    context_size: int = Field(64, ge=1)
+    """C: transitions in a task's context (uniform-random policy)."""
+    encoder: Literal["deepset", "gru"] = "deepset"
+    """Context encoder: permutation-invariant mean-pooled MLP, or a GRU over the transition sequence."""
+    features: Literal["inferred", "oracle"] = "inferred"
+    """Task features of the main hypernet: inferred from the context, or the true physics (analysis only)."""
+    embed_dim: int = Field(32, ge=1)
+    """Task embedding size."""
+    encoder_hidden: int = Field(128, ge=4)
+    """Encoder width."""
+    eval_episodes: int = Field(10, ge=1)
+    """Greedy episodes per validation task when selecting and reporting."""
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+    siamese: SiameseConfig = Field(default_factory=SiameseConfig)
+    reptile: ReptileConfig = Field(default_factory=ReptileConfig)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     """Log runs to MLflow (URI from MLFLOW_TRACKING_URI, default sqlite:///mlflow.db, artifacts in mlruns/)."""
@@ -179,6 +286,7 @@ class Params(BaseModel):
     family: FamilyConfig = Field(default_factory=FamilyConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
     dqn: DQNConfig = Field(default_factory=DQNConfig)
+    meta_train: MetaTrainConfig = Field(default_factory=MetaTrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def digest(self) -> str:

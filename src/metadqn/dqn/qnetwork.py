@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -79,6 +80,11 @@ class BatchedQNetwork(nn.Module):
         return x
 
     @torch.no_grad()
+    def act(self, obs: Tensor) -> Tensor:
+        """Greedy actions [K, B] for observations [K, B, obs_dim]."""
+        return self(obs).argmax(-1)
+
+    @torch.no_grad()
     def load_slots(self, state_dicts: Sequence[Mapping[str, Tensor]], slots: Sequence[int] | None = None) -> None:
         """Copies QNetwork state_dicts into the given slots (default: slot i gets state_dicts[i])."""
         slots = range(len(state_dicts)) if slots is None else slots
@@ -98,3 +104,54 @@ class BatchedQNetwork(nn.Module):
 
     def state_dicts(self) -> list[StateDict]:
         return [self.slot_state_dict(k) for k in range(self.n_slots)]
+
+
+def param_shapes(obs_dim: int, n_actions: int, hidden_sizes: Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(state_dict key, shape) of every QNetwork parameter, in state_dict order."""
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for i, (fan_in, fan_out) in enumerate(layer_sizes(obs_dim, n_actions, hidden_sizes)):
+        shapes += [(f"layers.{i}.weight", (fan_out, fan_in)), (f"layers.{i}.bias", (fan_out,))]
+    return shapes
+
+
+def n_params(obs_dim: int, n_actions: int, hidden_sizes: Sequence[int]) -> int:
+    return sum(math.prod(s) for _, s in param_shapes(obs_dim, n_actions, hidden_sizes))
+
+
+def flatten_state_dict(sd: Mapping[str, Tensor], shapes: Sequence[tuple[str, tuple[int, ...]]]) -> Tensor:
+    """A QNetwork state_dict as one flat vector (the layout hypernetworks generate)."""
+    return torch.cat([sd[key].reshape(-1) for key, _ in shapes])
+
+
+def unflatten_state_dict(flat: Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> StateDict:
+    """The inverse of :func:`flatten_state_dict`: ``QNetwork.load_state_dict(unflatten(...))`` works."""
+    out: StateDict = {}
+    offset = 0
+    for key, shape in shapes:
+        size = math.prod(shape)
+        out[key] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    if offset != flat.shape[-1]:
+        raise ValueError(f"flat parameter vector has {flat.shape[-1]} entries, QNetwork needs {offset}")
+    return out
+
+
+def functional_q(flat: Tensor, obs: Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> Tensor:
+    """Q-values of T generated networks: flat [T, P] parameters, obs [T, B, obs_dim] -> [T, B, A].
+
+    Exactly ``QNetwork`` with ``unflatten_state_dict(flat[t])`` applied to ``obs[t]``, differentiable in
+    ``flat`` (a hypernetwork trains through it).
+    """
+    x = obs
+    offset = 0
+    n_layers = len(shapes) // 2
+    for i in range(n_layers):
+        (_, (out_f, in_f)), (_, (out_b,)) = shapes[2 * i], shapes[2 * i + 1]
+        w = flat[:, offset:offset + out_f * in_f].view(-1, out_f, in_f)
+        offset += out_f * in_f
+        b = flat[:, offset:offset + out_b].unsqueeze(1)
+        offset += out_b
+        x = torch.baddbmm(b, x, w.transpose(1, 2))
+        if i < n_layers - 1:
+            x = torch.relu(x)
+    return x

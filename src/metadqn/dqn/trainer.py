@@ -50,6 +50,13 @@ def linear_epsilon(cfg: DQNConfig, step: int) -> float:
     return cfg.epsilon_start + frac * (cfg.epsilon_end - cfg.epsilon_start)
 
 
+def linear_learning_rate(cfg: DQNConfig, step: int) -> float:
+    if cfg.learning_rate_end is None:
+        return cfg.learning_rate
+    frac = min(step / cfg.total_steps, 1.0)
+    return cfg.learning_rate + frac * (cfg.learning_rate_end - cfg.learning_rate)
+
+
 def td_loss(online: BatchedQNetwork, target: BatchedQNetwork, batch: ReplayBatch, gamma: float,
             double_dqn: bool) -> torch.Tensor:
     """Per-slot Huber TD loss, [K]; masked transitions (weight 0) do not count."""
@@ -124,6 +131,10 @@ def train_dqn(
 ) -> TrainResult:
     """Trains one DQN per row of ``tasks`` ([K, n_params] physics), all at once.
 
+    ``tasks`` may also be [K, E, n_params]: slot k then steps E environments with their own physics
+    (domain randomisation, as the multitask baseline does); E overrides ``cfg.envs_per_task`` and
+    ``evaluate`` must be off (there is no single task to evaluate a slot on).
+
     ``init[k]`` is slot k's initial QNetwork state_dict (``None``: a fresh network from its own seed).
     ``on_steps`` is called with the env steps per slot done since the last call (progress bars).
     Deterministic on CPU for a given ``seed``.
@@ -135,7 +146,12 @@ def train_dqn(
     device = resolve_device(cfg.device)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    k, e = int(tasks.shape[0]), cfg.envs_per_task
+    if tasks.ndim == 3:
+        if evaluate:
+            raise ValueError("per-environment tasks [K, E, P] need evaluate=False")
+        k, e = int(tasks.shape[0]), int(tasks.shape[1])
+    else:
+        k, e = int(tasks.shape[0]), cfg.envs_per_task
     seeds = np.random.SeedSequence(seed).generate_state(4 + k)
     env_seed, eval_seed, torch_seed, np_seed = (int(s) for s in seeds[:4])
     rng = np.random.default_rng(np_seed)
@@ -156,7 +172,7 @@ def train_dqn(
     params = list(online.parameters())
     optimizer = make_optimizer(params, cfg.learning_rate)
 
-    env = family.vector_env(tasks, e)
+    env = family.vector_env(tasks.reshape(k * e, -1), 1) if tasks.ndim == 3 else family.vector_env(tasks, e)
     obs_np, _ = env.reset(seed=env_seed)
     obs = torch.as_tensor(obs_np, device=device).view(k, e, -1)
     replay = BatchedReplayBuffer(k, cfg.buffer_size, family.obs_dim, e, device)
@@ -223,6 +239,8 @@ def train_dqn(
             train_due += e
             while train_due >= cfg.train_frequency:
                 train_due -= cfg.train_frequency
+                for group in optimizer.param_groups:
+                    group["lr"] = linear_learning_rate(cfg, steps)
                 for _ in range(cfg.gradient_steps):
                     batch = replay.sample(cfg.batch_size, gen)
                     loss = td_loss(online, target, batch, cfg.gamma, cfg.double_dqn).sum()

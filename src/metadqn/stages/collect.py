@@ -14,6 +14,7 @@ derives from ``collect.seed`` and its task ids only, so a group's result is the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -60,7 +61,10 @@ class GroupResult:
     selection_return: np.ndarray
     """The return that selected the checkpoint (biased upwards by the selection)."""
     best_step: np.ndarray
-    trained_steps: int
+    trained_steps: np.ndarray
+    """Environment steps spent on each task, over all its rounds."""
+    rounds: np.ndarray
+    """The round whose run was kept."""
     curves: pd.DataFrame
     frames: dict[str, pd.DataFrame] = field(repr=False)
     wall_s: float = 0.0
@@ -81,45 +85,75 @@ def _batched_policy(family: Family, params: Sequence[StateDict], hidden: Sequenc
     return net.eval()
 
 
-def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: CollectConfig,
-                show_progress: bool = True) -> GroupResult:
-    """Trains and records the experts of one group of tasks (a pure function of its arguments)."""
-    start = time.perf_counter()
-    ids = list(group["task_id"])
-    seed = group_seed(collect.seed, ids)
-    s_train, s_eval, s_explore, s_expert = (int(s) for s in np.random.SeedSequence(seed).generate_state(4))
-    tasks = task_matrix(group, family)
-    desc = f"experts {ids[0]}..{ids[-1]} ({len(ids)} tasks)"
-    if show_progress:
-        with Progress(dqn.total_steps, desc) as bar:
-            result = train_dqn(family, tasks, dqn, s_train, keep_replay=collect.replay_rows,
-                               on_steps=bar.advance)
-    else:
-        result = train_dqn(family, tasks, dqn, s_train, keep_replay=collect.replay_rows)
-
-    net = _batched_policy(family, result.best_params, dqn.hidden_sizes)
-
-    def greedy(o: torch.Tensor) -> torch.Tensor:
+def _greedy(net: BatchedQNetwork):
+    def act(o: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return net(o).argmax(-1)
 
-    eval_return = GreedyEvaluator(family, tasks, dqn.eval_episodes, s_eval)(greedy)
+    return act
+
+
+def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: CollectConfig,
+                show_progress: bool = True) -> GroupResult:
+    """Trains and records the experts of one group of tasks (a pure function of its arguments).
+
+    Round 1 trains every task; each later round retrains, from a new seed, the tasks whose kept
+    checkpoint is not yet solved on the round-selection evaluation, keeping whichever run is better. The
+    reported return is measured once more at the end on start states no selection has seen.
+    """
+    start = time.perf_counter()
+    ids = list(group["task_id"])
+    seed = group_seed(collect.seed, ids)
+    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(4 + collect.max_rounds)]
+    s_select, s_report, s_explore, s_expert = seeds[:4]
+    tasks = task_matrix(group, family)
+    k = len(ids)
+
+    best_params: list[StateDict] = [{}] * k
+    select_return = np.full(k, -np.inf)
+    selection_return = np.zeros(k)
+    best_step = np.zeros(k, dtype=np.int64)
+    rounds = np.zeros(k, dtype=np.int64)
+    steps_spent = np.zeros(k, dtype=np.int64)
+    replay: list[dict[str, np.ndarray]] = [{}] * k
+    curves: list[pd.DataFrame] = [pd.DataFrame()] * k
+    todo = np.arange(k)
+    for r in range(collect.max_rounds):
+        desc = f"experts {ids[todo[0]]}..{ids[todo[-1]]} ({len(todo)} tasks, round {r + 1})"
+        with Progress(dqn.total_steps, desc) if show_progress else contextlib.nullcontext() as bar:
+            result = train_dqn(family, tasks[todo], dqn, seeds[4 + r], keep_replay=collect.replay_rows,
+                               on_steps=bar.advance if bar is not None else None)
+        net = _batched_policy(family, result.best_params, dqn.hidden_sizes)
+        ret = GreedyEvaluator(family, tasks[todo], dqn.eval_episodes, s_select)(_greedy(net))
+        for j, slot in enumerate(todo):
+            steps_spent[slot] += result.env_steps
+            if ret[j] > select_return[slot]:
+                select_return[slot], best_params[slot] = ret[j], result.best_params[j]
+                selection_return[slot], best_step[slot] = result.best_return[j], result.best_step[j]
+                replay[slot], rounds[slot] = result.replay[j], r + 1
+                curves[slot] = result.curves[result.curves["slot"] == j].assign(task_id=ids[slot])
+        todo = np.flatnonzero(select_return < family.solved_return)
+        if len(todo) == 0:
+            break
+
+    net = _batched_policy(family, best_params, dqn.hidden_sizes)
+    eval_return = GreedyEvaluator(family, tasks, dqn.eval_episodes, s_report)(_greedy(net))
     explore = collect_transitions(family, tasks, collect.exploration_steps, collect.rollout_envs_per_task,
-                                  s_explore) if collect.exploration_steps else [None] * len(ids)
+                                  s_explore) if collect.exploration_steps else [None] * k
     expert = collect_transitions(family, tasks, collect.expert_steps, collect.rollout_envs_per_task, s_expert,
-                                 policy=greedy, epsilon=collect.expert_epsilon) if collect.expert_steps \
-        else [None] * len(ids)
+                                 policy=_greedy(net), epsilon=collect.expert_epsilon) if collect.expert_steps \
+        else [None] * k
     frames: dict[str, pd.DataFrame] = {}
     for slot, tid in enumerate(ids):
-        sources = (("exploration", explore), ("expert", expert), ("replay", result.replay))
+        sources = (("exploration", explore), ("expert", expert), ("replay", replay))
         parts = [traj.to_frame(tid, source, data[slot]) for source, data in sources
-                 if data and data[slot] is not None]
+                 if data[slot] is not None and len(data[slot])]
         frames[tid] = pd.concat(parts, ignore_index=True)
-    curves = result.curves.assign(task_id=[ids[s] for s in result.curves["slot"]]).drop(columns="slot")
     return GroupResult(
-        task_ids=ids, best_params=result.best_params, eval_return=eval_return,
-        selection_return=result.best_return, best_step=result.best_step, trained_steps=result.env_steps,
-        curves=curves[["task_id", "step", "eval_return"]], frames=frames, wall_s=time.perf_counter() - start,
+        task_ids=ids, best_params=best_params, eval_return=eval_return, selection_return=selection_return,
+        best_step=best_step, trained_steps=steps_spent, rounds=rounds,
+        curves=pd.concat(curves, ignore_index=True)[["task_id", "step", "eval_return"]], frames=frames,
+        wall_s=time.perf_counter() - start,
     )
 
 
@@ -153,7 +187,8 @@ def write_outputs(family: Family, tasks: pd.DataFrame, results: Sequence[GroupRe
             per_task[tid] = {
                 "split": split[tid], "return": float(res.eval_return[slot]),
                 "selection_return": float(res.selection_return[slot]),
-                "steps": int(res.trained_steps), "best_step": int(res.best_step[slot]),
+                "steps": int(res.trained_steps[slot]), "best_step": int(res.best_step[slot]),
+                "round": int(res.rounds[slot]),
             }
     curves = pd.concat([r.curves for r in results], ignore_index=True)
     curves = curves.merge(tasks[["task_id", "split"]], on="task_id")[["task_id", "split", "step", "eval_return"]]

@@ -1,0 +1,169 @@
+"""Task contexts and the encoders that turn them into task embeddings.
+
+A task's *context* is C transitions (s, a, r, s', terminated) collected on it by a fixed exploration
+policy: uniform random (the ``exploration`` source of the trajectory dataset). Context transitions count
+against a task's interaction budget at meta-test.
+
+Each transition becomes a feature vector [s, one_hot(a), r, s' - s, terminated], standardised with
+statistics of the training tasks' contexts (stored with the model). Two encoders read a set of them:
+
+* ``deepset``: a per-transition MLP, mean-pooled, then an MLP (permutation invariant; Zaheer et al. 2017);
+* ``gru``: a GRU over the transitions in collection order (the recurrent encoder the product brief names).
+
+``oracle`` features skip the context: the task's physics parameters scaled to [0, 1] over the training
+ranges (only for analysis: a real new task does not tell you its physics).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from metadqn.envs.families import Family
+
+
+def transition_features(frame: pd.DataFrame, family: Family) -> np.ndarray:
+    """[N, 2 * obs_dim + n_actions + 2] raw features of transitions (one row per transition)."""
+    d = family.obs_dim
+    obs = frame[[f"obs_{i}" for i in range(d)]].to_numpy(np.float32)
+    nxt = frame[[f"next_obs_{i}" for i in range(d)]].to_numpy(np.float32)
+    onehot = np.eye(family.n_actions, dtype=np.float32)[frame["action"].to_numpy()]
+    reward = frame["reward"].to_numpy(np.float32)[:, None]
+    term = frame["terminated"].to_numpy(np.float32)[:, None]
+    return np.concatenate([obs, onehot, reward, nxt - obs, term], axis=1)
+
+
+def feature_dim(family: Family) -> int:
+    return 2 * family.obs_dim + family.n_actions + 2
+
+
+def oracle_features(tasks: pd.DataFrame, family: Family) -> np.ndarray:
+    """Physics parameters scaled to [0, 1] over the training ranges R (fixed parameters give 0)."""
+    cols = []
+    for spec in family.params:
+        values = tasks[spec.name].to_numpy(np.float64)
+        if spec.discrete is not None:
+            lo, hi = min(spec.discrete), max(spec.discrete)
+        else:
+            lo, hi = min(iv[0] for iv in spec.train), max(iv[1] for iv in spec.train)
+        cols.append((values - lo) / (hi - lo) if hi > lo else np.zeros_like(values))
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+class ContextSampler:
+    """Random C-transition contexts of each task, drawn from its exploration transitions.
+
+    Training draws a fresh subset every step (augmentation: the model must work from any C transitions);
+    evaluation uses :meth:`first`, the first C transitions collected, as a new task would give them.
+    """
+
+    def __init__(self, features: Sequence[np.ndarray], size: int):
+        short = [i for i, f in enumerate(features) if len(f) < size]
+        if short:
+            raise ValueError(f"context_size {size} exceeds the exploration transitions of {len(short)} task(s) "
+                             f"(min {min(len(features[i]) for i in short)}); lower meta_train.context_size "
+                             "or raise collect.exploration_steps")
+        self.features = [torch.as_tensor(f) for f in features]
+        self.size = size
+
+    def sample(self, gen: torch.Generator, task_index: Sequence[int] | None = None) -> Tensor:
+        """[T, C, F]: one random context per task (sorted, so a GRU sees collection order)."""
+        index = range(len(self.features)) if task_index is None else task_index
+        out = []
+        for i in index:
+            f = self.features[i]
+            pick = torch.randperm(len(f), generator=gen)[: self.size].sort().values
+            out.append(f[pick])
+        return torch.stack(out)
+
+    def first(self) -> Tensor:
+        return self.window(0)
+
+    def window(self, index: int) -> Tensor:
+        """[T, C, F]: transitions [index * C, (index + 1) * C) of each task (disjoint contexts)."""
+        lo = index * self.size
+        if any(len(f) < lo + self.size for f in self.features):
+            raise ValueError(f"context window {index} needs {lo + self.size} exploration transitions per task")
+        return torch.stack([f[lo: lo + self.size] for f in self.features])
+
+
+class Standardiser(nn.Module):
+    """Fixed feature scaling, fitted on training contexts and saved with the model."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, features: Tensor) -> Standardiser:
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp(min=1e-3))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DeepSetEncoder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.phi = _mlp([in_dim, hidden, hidden])
+        self.rho = _mlp([hidden, hidden, embed_dim])
+
+    def forward(self, ctx: Tensor) -> Tensor:
+        """[T, C, F] -> [T, embed_dim]."""
+        return self.rho(torch.relu(self.phi(ctx)).mean(1))
+
+
+class GRUEncoder(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.inp = nn.Linear(in_dim, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, embed_dim)
+
+    def forward(self, ctx: Tensor) -> Tensor:
+        _, h = self.gru(torch.relu(self.inp(ctx)))
+        return self.out(h[-1])
+
+
+class OracleEncoder(nn.Module):
+    """Maps scaled physics parameters to an embedding (the 'oracle' task features)."""
+
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.net = _mlp([in_dim, hidden, embed_dim])
+
+    def forward(self, physics: Tensor) -> Tensor:
+        return self.net(physics)
+
+
+class ContextEncoder(nn.Module):
+    """Standardise, then encode: a context [T, C, F] (or oracle physics [T, P]) -> embedding [T, D]."""
+
+    def __init__(self, kind: str, in_dim: int, hidden: int, embed_dim: int):
+        super().__init__()
+        self.kind = kind
+        self.scale = Standardiser(in_dim)
+        encoders = {"deepset": DeepSetEncoder, "gru": GRUEncoder, "oracle": OracleEncoder}
+        if kind not in encoders:
+            raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(encoders)}")
+        self.body = encoders[kind](in_dim, hidden, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(self.scale(x) if self.kind != "oracle" else x)

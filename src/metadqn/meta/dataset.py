@@ -1,0 +1,125 @@
+"""What meta-training reads: training and validation tasks only, through a split-checked store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from metadqn.config import Params
+from metadqn.data.store import TRAINING_SPLITS, LeakageError, TaskStore
+from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict
+from metadqn.dqn.rollout import GreedyEvaluator
+from metadqn.envs.families import Family
+from metadqn.envs.sampling import task_matrix
+from metadqn.meta.context import ContextSampler, oracle_features, transition_features
+
+
+@dataclass
+class Transitions:
+    """Stored transitions of T tasks, [T, N, ...] tensors (N equal for all tasks), for offline TD."""
+
+    obs: Tensor
+    actions: Tensor
+    rewards: Tensor
+    next_obs: Tensor
+    terminated: Tensor
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[Tensor, ...]:
+        t, total = self.actions.shape
+        idx = torch.randint(0, total, (t, n), generator=gen)
+        k = torch.arange(t).unsqueeze(1)
+        return (self.obs[k, idx], self.actions[k, idx], self.rewards[k, idx], self.next_obs[k, idx],
+                self.terminated[k, idx])
+
+
+@dataclass
+class SplitData:
+    tasks: pd.DataFrame
+    matrix: np.ndarray
+    """[T, n_params] physics (used only to build the tasks' environments, never as a model input)."""
+    physics: Tensor
+    """[T, n_params] oracle features (scaled physics): only the oracle variants read them."""
+    contexts: ContextSampler
+    expert_return: np.ndarray
+
+
+@dataclass
+class MetaData:
+    family: Family
+    train: SplitData
+    val: SplitData
+    experts: list[StateDict]
+    """The training tasks' experts (validation experts are never needed: their returns normalise)."""
+    states: list[np.ndarray]
+    """Per training task: distillation states (the expert's rollouts and the end of its replay)."""
+    transitions: Transitions
+    """Per training task: the expert's and replay transitions, for TD losses."""
+
+
+def _split(store: TaskStore, family: Family, split: str, context_size: int) -> tuple[SplitData, pd.DataFrame]:
+    tasks = store.tasks(split)
+    ids = list(tasks["task_id"])
+    frame = store.transitions(ids, family.obs_dim)
+    explore = frame[frame["source"] == "exploration"]
+    feats = [transition_features(explore[explore["task_id"] == tid], family) for tid in ids]
+    returns = store.expert_returns(ids)
+    data = SplitData(tasks=tasks, matrix=task_matrix(tasks, family),
+                     physics=torch.as_tensor(oracle_features(tasks, family)),
+                     contexts=ContextSampler(feats, context_size),
+                     expert_return=np.array([returns[t] for t in ids]))
+    return data, frame
+
+
+def load_meta_data(store: TaskStore, params: Params) -> MetaData:
+    if not store.allowed <= TRAINING_SPLITS:
+        raise LeakageError(f"meta-training may read only {sorted(TRAINING_SPLITS)}, got {sorted(store.allowed)}")
+    family = params.family.family()
+    c = params.meta_train.context_size
+    train, frame = _split(store, family, "train", c)
+    val, _ = _split(store, family, "val", c)
+    ids = list(train.tasks["task_id"])
+    experts = [store.expert(t) for t in ids]
+    d = family.obs_dim
+    obs_cols, next_cols = [f"obs_{i}" for i in range(d)], [f"next_obs_{i}" for i in range(d)]
+    states, per_task = [], []
+    for tid in ids:
+        rows = frame[(frame["task_id"] == tid) & frame["source"].isin(["expert", "replay"])]
+        states.append(rows[obs_cols].to_numpy(np.float32))
+        per_task.append(rows)
+    n = min(len(r) for r in per_task)
+
+    def stack(cols: list[str] | str, dtype: torch.dtype) -> Tensor:
+        return torch.stack([torch.as_tensor(r[cols].to_numpy()[-n:]).to(dtype) for r in per_task])
+
+    transitions = Transitions(stack(obs_cols, torch.float32), stack("action", torch.long),
+                              stack("reward", torch.float32), stack(next_cols, torch.float32),
+                              stack("terminated", torch.float32))
+    return MetaData(family, train, val, experts, states, transitions)
+
+
+def batched(family: Family, params: list[StateDict], hidden: list[int]) -> BatchedQNetwork:
+    net = BatchedQNetwork(len(params), family.obs_dim, family.n_actions, hidden)
+    net.load_slots(params)
+    return net.eval()
+
+
+def greedy_returns(family: Family, tasks: np.ndarray, params: list[StateDict], hidden: list[int],
+                   episodes: int, seed: int) -> np.ndarray:
+    """Mean greedy return of network i on task i."""
+    net = batched(family, params, hidden)
+    with torch.no_grad():
+        return GreedyEvaluator(family, tasks, episodes, seed)(lambda o: net(o).argmax(-1))
+
+
+def expert_q(family: Family, experts: list[StateDict], hidden: list[int], states: list[np.ndarray]) -> list[np.ndarray]:
+    """Expert i's Q-values on task i's states."""
+    out = []
+    for sd, s in zip(experts, states, strict=True):
+        net = batched(family, [sd], hidden)
+        with torch.no_grad():
+            out.append(net(torch.as_tensor(s).unsqueeze(0))[0].numpy())
+    return out

@@ -1,0 +1,115 @@
+"""A trained meta-model on disk and in memory: whatever the learner, it turns a new task's context into
+the initial parameters of an ordinary ``QNetwork``.
+
+Layout of ``models/meta/<name>/``: ``config.json`` (architecture, family, context size, learner) and
+``model.pt`` (a state_dict, loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metadqn.data.io import atomic_path, load_state_dict, save_state_dict
+from metadqn.dqn.qnetwork import StateDict, flatten_state_dict, param_shapes, unflatten_state_dict
+from metadqn.envs.families import get_family
+from metadqn.meta.context import ContextEncoder, feature_dim
+
+LEARNERS = ("hypernet", "hypernet-oracle", "siamese", "reptile", "multitask")
+
+
+@dataclass
+class MetaModelConfig:
+    learner: str
+    family: str
+    q_hidden: list[int]
+    context_size: int
+    encoder: str = "deepset"
+    embed_dim: int = 32
+    encoder_hidden: int = 128
+    hidden: int = 256
+    k: int = 1
+    task_ids: list[str] = field(default_factory=list)
+    n_physics: int = 0
+
+    @property
+    def uses_context(self) -> bool:
+        return self.learner in ("hypernet", "siamese")
+
+    @property
+    def uses_physics(self) -> bool:
+        return self.learner == "hypernet-oracle"
+
+
+class MetaModel:
+    """Initial Q-network parameters for new tasks, from their contexts (or physics, for the oracle)."""
+
+    def __init__(self, config: MetaModelConfig, module: nn.Module | None = None, theta: StateDict | None = None):
+        self.config, self.module, self.theta = config, module, theta
+        family = get_family(config.family)
+        self.family = family
+        self.shapes = param_shapes(family.obs_dim, family.n_actions, config.q_hidden)
+
+    @torch.no_grad()
+    def initial_params(self, context: Tensor | None = None, physics: Tensor | None = None,
+                       n_tasks: int | None = None) -> list[StateDict]:
+        """One QNetwork state_dict per task: context [T, C, F] (hypernet, siamese), physics [T, P] (oracle)."""
+        from metadqn.meta.hypernet import HyperQ
+        from metadqn.meta.siamese import SiameseIndex
+
+        if isinstance(self.module, HyperQ):
+            x = physics if self.config.uses_physics else context
+            if x is None:
+                need = "physics" if self.config.uses_physics else "context"
+                raise ValueError(f"{self.config.learner} needs a {need} input")
+            return self.module.generate(x)
+        if isinstance(self.module, SiameseIndex):
+            if context is None:
+                raise ValueError("siamese needs a context input")
+            flat = self.module.init_flat(context)
+            return [{k: v.clone() for k, v in unflatten_state_dict(row, self.shapes).items()} for row in flat]
+        n = n_tasks or (context.shape[0] if context is not None else physics.shape[0] if physics is not None else 1)
+        return [{k: v.clone() for k, v in self.theta.items()} for _ in range(n)]
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "config.json") as tmp:
+            tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        sd = self.theta if self.module is None else self.module.state_dict()
+        save_state_dict(folder / "model.pt", sd)
+
+    @classmethod
+    def load(cls, folder: Path | str) -> MetaModel:
+        from metadqn.meta.hypernet import HyperQ
+        from metadqn.meta.siamese import SiameseIndex
+
+        folder = Path(folder)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder}: no meta-model here (run `dvc repro meta_train`)")
+        cfg = MetaModelConfig(**json.loads((folder / "config.json").read_text()))
+        sd = load_state_dict(folder / "model.pt")
+        family = get_family(cfg.family)
+        if cfg.learner in ("reptile", "multitask"):
+            return cls(cfg, theta=sd)
+        kind = "oracle" if cfg.uses_physics else cfg.encoder
+        in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
+        encoder = ContextEncoder(kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
+        if cfg.learner.startswith("hypernet"):
+            module: nn.Module = HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions,
+                                       cfg.q_hidden, base_seed=0)
+        else:
+            n = len(cfg.task_ids)
+            p = sd["expert_flat"].shape[1]
+            module = SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k)
+        module.load_state_dict(sd)
+        return cls(cfg, module=module.eval())
+
+
+def flat_params(sd: StateDict, family_name: str, hidden: list[int]) -> Tensor:
+    f = get_family(family_name)
+    return flatten_state_dict(sd, param_shapes(f.obs_dim, f.n_actions, hidden))

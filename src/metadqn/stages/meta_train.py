@@ -1,0 +1,229 @@
+"""The meta_train stage: every learner listed in ``meta_train.learners`` on the training tasks.
+
+Reads only train and validation data, through a split-checked :class:`~metadqn.data.store.TaskStore`
+(validation only selects checkpoints and reports). Computes the cross-evaluation matrix (each training
+expert's greedy return on each training and validation task), trains the learners one after another
+(deterministic: they share torch's global RNG for module initialisation), and writes per learner
+``models/meta/<learner>/`` plus ``reports/meta_train/metrics.json``:
+``{"<learner>": {"val_zero_shot_normalized": float, "wall_s": float, ...}}``, where the zero-shot figure
+is the mean over validation tasks of return / the task's expert return, measured on contexts and start
+states that no selection has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from metadqn import paths
+from metadqn.config import Params
+from metadqn.data.io import atomic_path, write_json
+from metadqn.data.store import TaskStore
+from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
+from metadqn.meta.context import ContextEncoder, feature_dim
+from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
+from metadqn.meta.model import MetaModel, MetaModelConfig
+
+log = logging.getLogger("metadqn.meta_train")
+
+
+@dataclass(frozen=True)
+class MetaTrainOutputs:
+    models: Path = paths.META_MODELS
+    metrics: Path = paths.META_TRAIN_METRICS
+    cross_eval: Path = paths.META_TRAIN_CROSS_EVAL
+    curves: Path = paths.META_TRAIN_CURVES
+
+
+@dataclass
+class LearnerResult:
+    name: str
+    model: MetaModel
+    metrics: dict[str, float]
+    curves: list[tuple[str, int, float]] = field(default_factory=list)
+
+
+def _seed(params: Params, *salt: int) -> int:
+    return int(np.random.SeedSequence([params.meta_train.seed, *salt]).generate_state(1)[0])
+
+
+def _model_config(params: Params, learner: str, data: MetaData, **extra: Any) -> MetaModelConfig:
+    mt = params.meta_train
+    return MetaModelConfig(learner=learner, family=params.family.name, q_hidden=list(params.dqn.hidden_sizes),
+                           context_size=mt.context_size, encoder=mt.encoder, embed_dim=mt.embed_dim,
+                           encoder_hidden=mt.encoder_hidden, hidden=mt.hypernet.hidden,
+                           n_physics=int(data.train.physics.shape[1]), **extra)
+
+
+def val_zero_shot(model: MetaModel, data: MetaData, params: Params) -> np.ndarray:
+    """Normalised zero-shot return per validation task, from fresh contexts (the second window of each
+    task's exploration data) and fresh start states."""
+    ctx = data.val.contexts.window(1) if model.config.uses_context else None
+    init = model.initial_params(context=ctx, physics=data.val.physics, n_tasks=len(data.val.matrix))
+    returns = greedy_returns(data.family, data.val.matrix, init, params.dqn.hidden_sizes,
+                             params.meta_train.eval_episodes, _seed(params, 99))
+    return returns / data.val.expert_return
+
+
+def train_hypernet(data: MetaData, params: Params, oracle: bool = False) -> LearnerResult:
+    from metadqn.meta.hypernet import fit_hypernet
+
+    name = "hypernet-oracle" if oracle else "hypernet"
+    fit = fit_hypernet(data, params, oracle=oracle)
+    model = MetaModel(_model_config(params, name, data, encoder="oracle" if oracle else params.meta_train.encoder),
+                      module=fit.model)
+    return LearnerResult(name, model, {"val_selection_score": fit.val_score,
+                                       **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)}},
+                         fit.curves)
+
+
+def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
+    from metadqn.meta.siamese import SiameseIndex, fit_siamese, index_embeddings, top1_agreement
+
+    mt, cfg, family = params.meta_train, params.meta_train.siamese, data.family
+    n_train = len(data.train.matrix)
+    if cfg.target == "cross_eval":
+        s = scores[:, :n_train]
+        target = 1.0 - (s + s.T) / 2.0
+    else:
+        p = data.train.physics
+        target = (torch.cdist(p, p) / p.shape[1] ** 0.5).numpy()
+    torch.manual_seed(_seed(params, 3))
+    encoder = ContextEncoder(mt.encoder, feature_dim(family), mt.encoder_hidden, mt.embed_dim)
+    encoder.scale.fit(torch.cat(data.train.contexts.features))
+    fit = fit_siamese(encoder, data.train.contexts, target, cfg.iterations, cfg.learning_rate, _seed(params, 4))
+    emb = index_embeddings(fit.encoder, data.train.contexts, cfg.index_contexts, _seed(params, 5))
+    shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
+    experts = torch.stack([flatten_state_dict(sd, shapes) for sd in data.experts])
+    ids = list(data.train.tasks["task_id"])
+    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k)
+    _, nearest = index.neighbours(data.val.contexts.first())
+    top1, random_top1 = top1_agreement(nearest[:, 0].numpy(), scores[:, n_train:])
+    model = MetaModel(_model_config(params, "siamese", data, k=cfg.k, task_ids=ids), module=index.eval())
+    return LearnerResult("siamese", model, {"top1_retrieval": top1, "random_top1": random_top1}, fit.curves)
+
+
+def train_reptile(data: MetaData, params: Params) -> LearnerResult:
+    from metadqn.meta.reptile import fit_reptile
+
+    theta, curves = fit_reptile(data, params)
+    return LearnerResult("reptile", MetaModel(_model_config(params, "reptile", data), theta=theta), {}, curves)
+
+
+def train_multitask(data: MetaData, params: Params) -> LearnerResult:
+    from metadqn.meta.multitask import fit_multitask
+
+    theta, curves = fit_multitask(data, params)
+    return LearnerResult("multitask", MetaModel(_model_config(params, "multitask", data), theta=theta), {}, curves)
+
+
+def learner_names(params: Params) -> list[str]:
+    names = list(params.meta_train.learners)
+    if "hypernet" in names and params.meta_train.hypernet.oracle:
+        names.insert(names.index("hypernet") + 1, "hypernet-oracle")
+    if params.meta_train.features == "oracle" and "hypernet" in names:
+        names.remove("hypernet")
+        if "hypernet-oracle" not in names:
+            names.append("hypernet-oracle")
+    return names
+
+
+def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
+    """Trains one learner and measures it on the validation tasks."""
+    start = time.perf_counter()
+    if name == "hypernet":
+        result = train_hypernet(data, params)
+    elif name == "hypernet-oracle":
+        result = train_hypernet(data, params, oracle=True)
+    elif name == "siamese":
+        result = train_siamese(data, params, scores)
+    elif name == "reptile":
+        result = train_reptile(data, params)
+    elif name == "multitask":
+        result = train_multitask(data, params)
+    else:
+        raise ValueError(f"unknown learner {name!r}")
+    zs = val_zero_shot(result.model, data, params)
+    result.metrics = {"val_zero_shot_normalized": float(zs.mean()), "val_zero_shot_min": float(zs.min()),
+                      **result.metrics, "wall_s": round(time.perf_counter() - start, 2)}
+    log.info("%s: validation zero-shot %.3f (normalised), %.0f s", name, zs.mean(), result.metrics["wall_s"])
+    return result
+
+
+LearnerMapper = Callable[[Callable[[str], LearnerResult], list[str]], list[LearnerResult]]
+
+
+def run_sequentially(fn: Callable[[str], LearnerResult], names: list[str]) -> list[LearnerResult]:
+    return [fn(n) for n in names]
+
+
+def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrainOutputs = MetaTrainOutputs(),
+                   map_learners: LearnerMapper = run_sequentially,
+                   tags: dict[str, str] | None = None) -> dict[str, Any]:
+    from metadqn.meta.siamese import cross_evaluation, normalised_scores
+    from metadqn.tracking.runs import stage_run
+
+    start = time.perf_counter()
+    data = load_meta_data(store, params)
+    family = data.family
+    tasks = np.concatenate([data.train.matrix, data.val.matrix])
+    expert_return = np.concatenate([data.train.expert_return, data.val.expert_return])
+    t0 = time.perf_counter()
+    returns = cross_evaluation(family, data.experts, tasks, params.dqn.hidden_sizes,
+                               params.meta_train.eval_episodes, _seed(params, 1))
+    scores = normalised_scores(returns, expert_return)
+    log.info("cross-evaluation: %d experts x %d tasks in %.1f s", *returns.shape, time.perf_counter() - t0)
+
+    results = map_learners(lambda n: train_one(n, data, params, scores), learner_names(params))
+
+    for r in results:
+        r.model.save(out.models / r.name)
+    ids = list(data.train.tasks["task_id"]) + list(data.val.tasks["task_id"])
+    cross = pd.DataFrame([
+        {"expert_task": data.train.tasks["task_id"][i], "task_id": ids[j], "return": float(returns[i, j]),
+         "score": float(scores[i, j])}
+        for i in range(returns.shape[0]) for j in range(returns.shape[1])
+    ])
+    with atomic_path(out.cross_eval) as tmp:
+        cross.to_csv(tmp, index=False)
+    curves = pd.DataFrame([(r.name, m, s, v) for r in results for (m, s, v) in r.curves],
+                          columns=["learner", "metric", "step", "value"])
+    with atomic_path(out.curves) as tmp:
+        curves.to_csv(tmp, index=False)
+    metrics: dict[str, Any] = {r.name: r.metrics for r in results}
+    metrics["cross_eval_wall_s"] = round(time.perf_counter() - t0, 2)
+    metrics["wall_s"] = round(time.perf_counter() - start, 2)
+    write_json(out.metrics, metrics)
+
+    with stage_run("meta_train", family.name, params.flat(), params.digest(), params.tracking.enabled, tags) as run:
+        if run is not None:
+            _track(run, results, out, family.name)
+    return metrics
+
+
+def _track(run: Any, results: list[LearnerResult], out: MetaTrainOutputs, family: str) -> None:
+    import mlflow
+
+    from metadqn.tracking.models import log_meta_model
+
+    client = mlflow.MlflowClient()
+    for r in results:
+        with mlflow.start_run(run_name=r.name, nested=True, tags={"learner": r.name, "stage": "meta_train"}):
+            mlflow.log_metrics({k: float(v) for k, v in r.metrics.items()})
+            child = mlflow.active_run()
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            metrics = [Metric(m.split("/", 1)[-1], v, ts, s) for (m, s, v) in r.curves]
+            for i in range(0, len(metrics), 1000):
+                client.log_batch(child.info.run_id, metrics=metrics[i:i + 1000])
+            log_meta_model(out.models / r.name, family)
+    mlflow.log_artifact(str(out.metrics))

@@ -1,0 +1,133 @@
+"""MLflow pyfunc wrappers: a meta-model acts on a new task from a table of its transitions.
+
+Input: one DataFrame. Rows with ``role == "context"`` are the task's context transitions (obs_*, action,
+reward, next_obs_*, terminated); rows with ``role == "obs"`` are the observations to act on (obs_*);
+``hypernet-oracle`` also takes one ``role == "physics"`` row with the task's physics columns. Output: one
+row per observation, ``action`` (greedy) and ``q_0..q_{A-1}``. Inside ``predict`` the meta-model generates
+(or retrieves) the task's Q-network from the context. The model ships the ``metadqn`` package as code
+and loads its weights with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROLE = "role"
+
+
+def _requirements() -> list[str]:
+    out = []
+    for dist in ("torch", "numpy", "pandas", "gymnasium", "pydantic", "pyyaml"):
+        try:
+            out.append(f"{dist}=={md.version(dist)}")
+        except md.PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+def example_input(family_name: str, context_size: int, n_obs: int = 4, seed: int = 0) -> pd.DataFrame:
+    """A realistic input: a uniform-random context on the family's default task, and a few observations."""
+    from metadqn.dqn.rollout import collect_transitions
+    from metadqn.envs.families import get_family
+
+    family = get_family(family_name)
+    task = np.array([[family.defaults()[p] for p in family.param_names]])
+    tr = collect_transitions(family, task, context_size, 1, seed)[0]
+    d = family.obs_dim
+    ctx = pd.DataFrame({ROLE: "context", **{f"obs_{i}": tr["obs"][:, i] for i in range(d)},
+                        "action": tr["action"].astype(float), "reward": tr["reward"].astype(float),
+                        **{f"next_obs_{i}": tr["next_obs"][:, i] for i in range(d)},
+                        "terminated": tr["terminated"].astype(float)}).head(context_size)
+    obs = ctx.head(n_obs).copy()
+    obs[ROLE] = "obs"
+    for col in obs.columns:
+        if col != ROLE and not col.startswith("obs_"):
+            obs[col] = np.nan
+    frame = pd.concat([ctx, obs], ignore_index=True)
+    return frame.astype({c: "float64" for c in frame.columns if c != ROLE})
+
+
+def _pyfunc_class():
+    """The PythonModel subclass, built on demand so that importing this module does not import MLflow."""
+    import mlflow
+
+    class _MetaModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context: Any) -> None:
+            from metadqn.meta.model import MetaModel
+
+            self.model = MetaModel.load(context.artifacts["meta_model"])
+
+        def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+            return predict_actions(self.model, model_input)
+
+    return _MetaModel
+
+
+def predict_actions(model, frame: pd.DataFrame) -> pd.DataFrame:
+    """The pyfunc's predict, usable without MLflow: actions and Q-values for the ``obs`` rows."""
+    import torch
+
+    from metadqn.dqn.qnetwork import QNetwork
+    from metadqn.meta.context import transition_features
+
+    family = model.family
+    if ROLE not in frame.columns:
+        raise ValueError(f"input needs a {ROLE!r} column with 'context' and 'obs' rows")
+    ctx_rows = frame[frame[ROLE] == "context"]
+    obs_rows = frame[frame[ROLE] == "obs"]
+    if obs_rows.empty:
+        raise ValueError("input has no 'obs' rows to act on")
+    context = physics = None
+    if model.config.uses_context:
+        if len(ctx_rows) < model.config.context_size:
+            raise ValueError(f"{model.config.learner} needs {model.config.context_size} context rows "
+                             f"(got {len(ctx_rows)})")
+        rows = ctx_rows.head(model.config.context_size).astype({"action": "int64"})
+        context = torch.as_tensor(transition_features(rows, family)).unsqueeze(0)
+    if model.config.uses_physics:
+        from metadqn.meta.context import oracle_features
+
+        phys = frame[frame[ROLE] == "physics"]
+        if phys.empty:
+            raise ValueError("hypernet-oracle needs a 'physics' row with the task's parameters")
+        physics = torch.as_tensor(oracle_features(phys.head(1), family))
+    sd = model.initial_params(context=context, physics=physics, n_tasks=1)[0]
+    net = QNetwork(family.obs_dim, family.n_actions, model.config.q_hidden)
+    net.load_state_dict(sd)
+    obs = torch.as_tensor(obs_rows[[f"obs_{i}" for i in range(family.obs_dim)]].to_numpy(np.float32))
+    with torch.no_grad():
+        q = net(obs).numpy()
+    out = pd.DataFrame({"action": q.argmax(1).astype(np.int64)})
+    for a in range(q.shape[1]):
+        out[f"q_{a}"] = q[:, a].astype(np.float64)
+    return out
+
+
+def log_meta_model(folder: Path, family: str) -> Any:
+    """Logs ``models/meta/<learner>/`` as an MLflow pyfunc (with signature and input example)."""
+    import warnings
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import metadqn
+    from metadqn.meta.model import MetaModel
+
+    model = MetaModel.load(folder)
+    example = example_input(family, model.config.context_size)
+    if model.config.uses_physics:
+        phys = pd.DataFrame([{ROLE: "physics", **model.family.defaults()}])
+        example = pd.concat([example, phys], ignore_index=True)
+    signature = infer_signature(example, predict_actions(model, example))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=model.config.learner, python_model=_pyfunc_class()(), artifacts={"meta_model": str(folder)},
+            signature=signature, input_example=example, pip_requirements=_requirements(),
+            code_paths=[str(Path(metadqn.__file__).parent)],
+        )

@@ -1,0 +1,83 @@
+"""End to end through DVC: the stage command, dvc.lock, and a no-op second `dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metadqn.config import load_params
+from metadqn.data.io import dvc_md5
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("METADQN_PARAMS", None)
+    env["PREFECT_HOME"] = ""  # set per project below
+    return env
+
+
+def make_project(dest: Path) -> Path:
+    """A fresh git checkout of the working tree with tiny params written into params.yaml."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    tiny = load_params(ROOT / "params.yaml", ROOT / "tests" / "params.tiny.yaml")
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny.model_dump(mode="json"), sort_keys=False))
+    for stale in ("dvc.lock", "reports"):
+        p = dest / stale
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
+                   check=True)
+    return dest
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = _env()
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_dvc_repro_collect_then_noop(tmp_path):
+    project = make_project(tmp_path / "p")
+    first = dvc(project, "repro", "collect")
+    assert first.returncode == 0, first.stdout + first.stderr
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["collect"]["outs"]}
+    assert outs["data/trajectories"] == dvc_md5(project / "data" / "trajectories")
+    metrics = json.loads((project / "reports" / "collect" / "metrics.json").read_text())
+    assert len(metrics["tasks"]) == 6
+
+    start = time.perf_counter()
+    second = dvc(project, "repro")
+    elapsed = time.perf_counter() - start
+    assert second.returncode == 0, second.stderr
+    assert "didn't change, skipping" in second.stdout and "Running stage" not in second.stdout
+    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f} s"
+    status = dvc(project, "status")
+    assert "up to date" in status.stdout
+
+    shown = dvc(project, "metrics", "show", "--json")
+    assert "fraction_solved" in shown.stdout
