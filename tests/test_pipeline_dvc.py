@@ -60,15 +60,18 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_dvc_repro_collect_then_noop(tmp_path):
+def test_dvc_repro_pipeline_then_noop(tmp_path):
     project = make_project(tmp_path / "p")
-    first = dvc(project, "repro", "collect")
+    first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     outs = {o["path"]: o["md5"] for o in lock["stages"]["collect"]["outs"]}
     assert outs["data/trajectories"] == dvc_md5(project / "data" / "trajectories")
     metrics = json.loads((project / "reports" / "collect" / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 6
+    meta = json.loads((project / "reports" / "meta_train" / "metrics.json").read_text())
+    assert {"hypernet", "siamese", "reptile", "multitask"} <= set(meta)
+    assert (project / "models" / "meta" / "hypernet" / "model.pt").exists()
 
     start = time.perf_counter()
     second = dvc(project, "repro")
@@ -80,4 +83,4 @@ def test_dvc_repro_collect_then_noop(tmp_path):
     assert "up to date" in status.stdout
 
     shown = dvc(project, "metrics", "show", "--json")
-    assert "fraction_solved" in shown.stdout
+    assert "fraction_solved" in shown.stdout and "val_zero_shot_normalized" in shown.stdout

@@ -65,6 +65,39 @@ def collect(
     typer.echo(f"collect: {100 * result['fraction_solved']:.0f}% of tasks solved; metrics in {metrics}")
 
 
+@app.command("meta-train")
+def meta_train(
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    tasks: Annotated[Path, typer.Option(help="Input: the task sets.")] = paths.TASKS,
+    trajectories: Annotated[Path, typer.Option(help="Input: trajectories.")] = paths.TRAJECTORIES,
+    experts: Annotated[Path, typer.Option(help="Input: experts.")] = paths.EXPERTS,
+    collect_metrics: Annotated[Path, typer.Option(help="Input: collect metrics.")] = paths.COLLECT_METRICS,
+    models: Annotated[Path, typer.Option(help="Output: one folder per learner.")] = paths.META_MODELS,
+    metrics: Annotated[Path, typer.Option(help="Output: metrics JSON.")] = paths.META_TRAIN_METRICS,
+    cross_eval: Annotated[Path, typer.Option(help="Output: cross-evaluation matrix.")] = paths.META_TRAIN_CROSS_EVAL,
+    curves: Annotated[Path, typer.Option(help="Output: training curves.")] = paths.META_TRAIN_CURVES,
+) -> None:
+    """Train every meta-learner in params (hypernet, siamese, reptile, multitask) on the training tasks."""
+    _setup_logging()
+    cfg = _load(base_params, params)
+    from flows.meta_train import meta_train_flow
+
+    from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.stages.meta_train import MetaTrainOutputs
+
+    store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
+    if not tasks.exists():
+        raise _fail(f"{tasks}: not found; run `dvc repro collect` (or `dvc pull`) first")
+    out = MetaTrainOutputs(models=models, metrics=metrics, cross_eval=cross_eval, curves=curves)
+    try:
+        result = meta_train_flow(cfg, store, out)
+    except MissingInputError as exc:
+        raise _fail(str(exc)) from None
+    summary = ", ".join(f"{k} {v['val_zero_shot_normalized']:.2f}" for k, v in result.items() if isinstance(v, dict))
+    typer.echo(f"meta-train: validation zero-shot (normalised): {summary}; metrics in {metrics}")
+
+
 @app.command("check-params")
 def check_params(params: ParamsOpt = None, base_params: BaseOpt = Path("params.yaml")) -> None:
     """Validate params.yaml (and an overlay) and print its digest."""

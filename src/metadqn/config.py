@@ -188,7 +188,7 @@ class HypernetConfig(_Section):
     """Weight of the policy-distillation KL(softmax(Q_expert/T) || softmax(Q_generated/T)) (Rusu et al. 2016)."""
     kl_temperature: float = Field(0.01, gt=0)
     """T of the distillation softmax; small because the experts' action gaps are small (~0.07 on Q ~ 67)."""
-    q_weight: float = Field(0.01, ge=0)
+    q_weight: float = Field(1.0, ge=0)
     """Weight of a Huber loss between generated and expert Q-values (keeps their scale for fine-tuning)."""
     td_weight: float = Field(0.1, ge=0)
     """Weight of the TD loss through the generated parameters."""
@@ -208,6 +208,8 @@ class HypernetConfig(_Section):
     """Independent trainings; the one with the best validation zero-shot return is kept."""
     oracle: bool = True
     """Also train hypernet-oracle (fed the true physics) as an analysis reference."""
+    oracle_seeds: int = Field(1, ge=1)
+    """Seeds of hypernet-oracle (an analysis reference, so one by default)."""
 
 
 class SiameseConfig(_Section):

@@ -93,7 +93,7 @@ def load_meta_data(store: TaskStore, params: Params) -> MetaData:
     n = min(len(r) for r in per_task)
 
     def stack(cols: list[str] | str, dtype: torch.dtype) -> Tensor:
-        return torch.stack([torch.as_tensor(r[cols].to_numpy()[-n:]).to(dtype) for r in per_task])
+        return torch.stack([torch.tensor(r[cols].to_numpy()[-n:]).to(dtype) for r in per_task])
 
     transitions = Transitions(stack(obs_cols, torch.float32), stack("action", torch.long),
                               stack("reward", torch.float32), stack(next_cols, torch.float32),
@@ -121,5 +121,5 @@ def expert_q(family: Family, experts: list[StateDict], hidden: list[int], states
     for sd, s in zip(experts, states, strict=True):
         net = batched(family, [sd], hidden)
         with torch.no_grad():
-            out.append(net(torch.as_tensor(s).unsqueeze(0))[0].numpy())
+            out.append(net(torch.tensor(s).unsqueeze(0))[0].numpy())
     return out

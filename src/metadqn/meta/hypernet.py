@@ -90,7 +90,7 @@ class StatePool:
 
     def replace(self, i: int, obs: np.ndarray, q: np.ndarray) -> None:
         n = len(obs)
-        self.obs[i, :n] = torch.as_tensor(obs)
+        self.obs[i, :n] = torch.tensor(obs)
         self.q[i, :n] = torch.as_tensor(q)
         self.count[i] = n
 
@@ -149,10 +149,12 @@ class FitResult:
 def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
     """Trains ``n_seeds`` hypernetworks on the training tasks; keeps the best on validation zero-shot."""
     from metadqn.dqn.rollout import collect_transitions
+    from metadqn.dqn.trainer import configure_torch, make_optimizer
     from metadqn.meta.context import feature_dim
     from metadqn.meta.dataset import batched, expert_q, greedy_returns
 
     mt, cfg, dqn, family = params.meta_train, params.meta_train.hypernet, params.dqn, data.family
+    configure_torch()
     hidden = dqn.hidden_sizes
     base_q = expert_q(family, data.experts, hidden, data.states)
     base = StatePool.from_lists(data.states, base_q, max(len(s) for s in data.states))
@@ -165,7 +167,7 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
     seed_scores = []
     val_input = data.val.physics if oracle else data.val.contexts.first()
 
-    for s in range(cfg.n_seeds):
+    for s in range(cfg.oracle_seeds if oracle else cfg.n_seeds):
         seed = int(np.random.SeedSequence([mt.seed, s, int(oracle)]).generate_state(1)[0])
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -175,7 +177,7 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
             encoder.scale.fit(all_feats)
         model = HyperQ(encoder, mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, seed)
         target = clone_frozen(model)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        opt = make_optimizer(list(model.parameters()), cfg.learning_rate)
         dagger_obs: list[np.ndarray] = [np.zeros((0, family.obs_dim), np.float32) for _ in data.experts]
         dagger: StatePool | None = None
         seed_best = -np.inf
@@ -206,8 +208,8 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
             opt.step()
             polyak(target, model, cfg.target_tau)
             if it % 50 == 0:
-                curves += [(f"{name}/seed{s}/kl", it, float(kl)), (f"{name}/seed{s}/q_huber", it, float(qh)),
-                           (f"{name}/seed{s}/td", it, float(td))]
+                curves += [(f"{name}/seed{s}/kl", it, kl.item()), (f"{name}/seed{s}/q_huber", it, qh.item()),
+                           (f"{name}/seed{s}/td", it, td.item())]
 
             if cfg.dagger_steps and it % cfg.dagger_interval == 0:
                 gen_net = batched(family, model.generate(task_input()), hidden)
@@ -235,8 +237,8 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
                     seed_best = score
                 if score > best[0]:
                     best = (score, copy.deepcopy(model.state_dict()))
-                log.info("%s seed %d step %d: kl %.4f q %.3f td %.3f val zero-shot %.3f", name, s, it, float(kl),
-                         float(qh), float(td), score)
+                log.info("%s seed %d step %d: kl %.4f q %.3f td %.3f val zero-shot %.3f", name, s, it, kl.item(),
+                         qh.item(), td.item(), score)
         seed_scores.append(seed_best)
 
     final = HyperQ(ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim),

@@ -42,6 +42,6 @@ def fit_reptile(data, params) -> tuple[StateDict, list[tuple[str, int, float]]]:
         adapted = net.state_dicts()
         theta = {k: v + eps * (torch.stack([a[k] for a in adapted]).mean(0) - v) for k, v in theta.items()}
         if (it + 1) % 10 == 0:
-            curves.append(("reptile/inner_td", it + 1, float(loss)))
+            curves.append(("reptile/inner_td", it + 1, loss.item()))
     return theta, curves
 

@@ -97,7 +97,7 @@ def fit_siamese(encoder: ContextEncoder, sampler, target: np.ndarray, iterations
         loss.backward()
         opt.step()
         if it % 50 == 0:
-            curves.append(("siamese/loss", it, float(loss)))
+            curves.append(("siamese/loss", it, loss.item()))
     return SiameseFit(encoder.eval(), curves)
 
 

@@ -37,7 +37,8 @@ def example_input(family_name: str, context_size: int, n_obs: int = 4, seed: int
 
     family = get_family(family_name)
     task = np.array([[family.defaults()[p] for p in family.param_names]])
-    tr = collect_transitions(family, task, context_size, 1, seed)[0]
+    # autoreset steps are dropped from collected transitions, so ask for more than needed
+    tr = collect_transitions(family, task, 2 * context_size + 8, 1, seed)[0]
     d = family.obs_dim
     ctx = pd.DataFrame({ROLE: "context", **{f"obs_{i}": tr["obs"][:, i] for i in range(d)},
                         "action": tr["action"].astype(float), "reward": tr["reward"].astype(float),
@@ -123,9 +124,10 @@ def log_meta_model(folder: Path, family: str) -> Any:
     if model.config.uses_physics:
         phys = pd.DataFrame([{ROLE: "physics", **model.family.defaults()}])
         example = pd.concat([example, phys], ignore_index=True)
-    signature = infer_signature(example, predict_actions(model, example))
     with warnings.catch_warnings():
+        # MLflow hints about integer columns; the action column is never missing
         warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, predict_actions(model, example))
         return mlflow.pyfunc.log_model(
             name=model.config.learner, python_model=_pyfunc_class()(), artifacts={"meta_model": str(folder)},
             signature=signature, input_example=example, pip_requirements=_requirements(),

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from metadqn.data.store import TRAINING_SPLITS, LeakageError, TaskStore
+from metadqn.dqn import QNetwork, init_state_dict
+from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
+from metadqn.envs import get_family
+from metadqn.meta.context import ContextEncoder, feature_dim
+from metadqn.meta.hypernet import HyperQ
+from metadqn.meta.model import MetaModel
+from metadqn.meta.siamese import SiameseIndex, top1_agreement
+
+FAMILY = get_family("cartpole-mirrored")
+F_DIM = feature_dim(FAMILY)
+
+
+def _hyper(seed: int = 0) -> HyperQ:
+    torch.manual_seed(seed)
+    enc = ContextEncoder("deepset", F_DIM, 32, 8)
+    return HyperQ(enc, 8, 32, FAMILY.obs_dim, FAMILY.n_actions, [16, 16], base_seed=5)
+
+
+def test_bias_hyperinit_generates_the_base_network_for_every_context():
+    model = _hyper()
+    base = init_state_dict(FAMILY.obs_dim, FAMILY.n_actions, [16, 16], seed=5)
+    contexts = torch.randn(6, 10, F_DIM) * 3
+    for sd in model.generate(contexts):
+        for key in base:
+            torch.testing.assert_close(sd[key], base[key])
+
+
+def test_generated_parameters_load_into_qnetwork_and_reproduce_the_hypernetwork():
+    model = _hyper()
+    torch.nn.init.normal_(model.head.weight, std=0.05)  # as if trained: contexts now matter
+    contexts = torch.randn(3, 10, F_DIM)
+    flat = model(contexts)
+    obs = torch.randn(3, 7, FAMILY.obs_dim)
+    q_hyper = model.q_values(flat, obs)
+    sds = model.generate(contexts)
+    assert not torch.equal(sds[0]["layers.0.weight"], sds[1]["layers.0.weight"])
+    for t, sd in enumerate(sds):
+        net = QNetwork(FAMILY.obs_dim, FAMILY.n_actions, [16, 16])
+        net.load_state_dict(sd)
+        torch.testing.assert_close(net(obs[t]), q_hyper[t].detach())
+
+
+def test_siamese_distance_is_symmetric_and_zero_on_identical_contexts():
+    torch.manual_seed(0)
+    enc = ContextEncoder("deepset", F_DIM, 32, 8)
+    shapes = param_shapes(FAMILY.obs_dim, FAMILY.n_actions, [16, 16])
+    experts = torch.stack([flatten_state_dict(init_state_dict(4, 2, [16, 16], s), shapes) for s in range(4)])
+    index = SiameseIndex(enc, torch.randn(4, 8), experts, [f"t{i}" for i in range(4)], k=2)
+    a, b = torch.randn(5, 10, F_DIM), torch.randn(5, 10, F_DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(index.distance(a, b), index.distance(b, a))
+        assert torch.all(index.distance(a, a) == 0)
+        assert torch.all(index.distance(a, b) > 0)
+
+
+def test_siamese_init_is_nearest_expert_or_weighted_average():
+    torch.manual_seed(0)
+    enc = ContextEncoder("deepset", F_DIM, 16, 4)
+    ctx = torch.randn(1, 10, F_DIM)
+    with torch.no_grad():
+        e = enc(ctx)[0]
+    emb = torch.stack([e, e + 1.0, e + 3.0])
+    experts = torch.arange(3, dtype=torch.float32).unsqueeze(1).repeat(1, 5)
+    near = SiameseIndex(enc, emb, experts, ["a", "b", "c"], k=1)
+    torch.testing.assert_close(near.init_flat(ctx), experts[:1])
+    two = SiameseIndex(enc, emb, experts, ["a", "b", "c"], k=2)
+    assert two.init_flat(ctx)[0, 0] < 0.01  # dominated by the nearly identical first expert
+
+
+def test_top1_agreement_counts_ties_and_its_random_control():
+    scores = np.array([[1.0, 0.2], [1.0, 0.9], [0.5, 0.1]])
+    hit, control = top1_agreement(np.array([1, 0]), scores)
+    assert hit == 0.5
+    assert control == pytest.approx((2 / 3 + 1 / 3) / 2)
+
+
+# ------------------------------------------------------------------------------------ end to end (tiny)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from metadqn.config import load_params
+    from metadqn.stages.collect import CollectOutputs, run_collect
+    from metadqn.stages.meta_train import MetaTrainOutputs, run_meta_train
+    from tests.conftest import ROOT, TINY
+
+    params = load_params(ROOT / "params.yaml", TINY)
+    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
+    root = tmp_path_factory.mktemp("tiny")
+    col = CollectOutputs(tasks=root / "tasks.parquet", trajectories=root / "traj", experts=root / "experts",
+                         metrics=root / "collect.json", curves=root / "curves.csv")
+    run_collect(params, col)
+    # meta-training must not need the test tasks at all: delete their data first
+    tasks = pd.read_parquet(col.tasks)
+    for tid in tasks.loc[~tasks["split"].isin(TRAINING_SPLITS), "task_id"]:
+        (col.trajectories / f"{tid}.parquet").unlink()
+        (col.experts / f"{tid}.pt").unlink()
+    store = TaskStore(col.tasks, col.trajectories, col.experts, col.metrics)
+    out = MetaTrainOutputs(models=root / "meta", metrics=root / "meta.json", cross_eval=root / "cross.csv",
+                           curves=root / "meta_curves.csv")
+    metrics = run_meta_train(params, store, out)
+    return params, store, out, metrics, col
+
+
+@pytest.mark.slow
+def test_tiny_meta_train_completes_and_beats_a_random_network(tiny_run):
+    from metadqn.meta.dataset import greedy_returns, load_meta_data
+
+    params, store, out, metrics, _ = tiny_run
+    assert set(metrics) >= {"hypernet", "hypernet-oracle", "siamese", "reptile", "multitask"}
+    assert json.loads(out.metrics.read_text())["hypernet"] == metrics["hypernet"]
+    for name in ("hypernet", "siamese", "reptile", "multitask"):
+        assert set(metrics[name]) >= {"val_zero_shot_normalized", "wall_s"}
+        assert (out.models / name / "model.pt").exists()
+    assert 0.0 <= metrics["siamese"]["top1_retrieval"] <= 1.0
+
+    data = load_meta_data(store, params)
+    model = MetaModel.load(out.models / "hypernet")
+    init = model.initial_params(context=data.val.contexts.first())
+    hidden = params.dqn.hidden_sizes
+    generated = greedy_returns(data.family, data.val.matrix, init, hidden, 10, seed=1)
+    random_nets = [init_state_dict(4, 2, hidden, seed=100 + i) for i in range(len(init))]
+    random = greedy_returns(data.family, data.val.matrix, random_nets, hidden, 10, seed=1)
+    assert generated.mean() > random.mean(), (generated, random)
+
+
+@pytest.mark.slow
+def test_meta_training_store_refuses_test_tasks(tiny_run):
+    from metadqn.meta.dataset import load_meta_data
+
+    params, store, _, _, col = tiny_run
+    tasks = pd.read_parquet(col.tasks)
+    test_id = tasks.loc[tasks["split"] == "interp", "task_id"].iloc[0]
+    with pytest.raises(LeakageError):
+        store.transitions([test_id], 4)
+    with pytest.raises(LeakageError):
+        store.expert(test_id)
+    with pytest.raises(LeakageError):
+        store.tasks("extrap")
+    with pytest.raises(LeakageError):
+        load_meta_data(TaskStore(col.tasks, col.trajectories, col.experts, col.metrics,
+                                 allowed=frozenset({"train", "val", "interp"})), params)
+
+
+@pytest.mark.slow
+def test_meta_model_loads_from_mlflow_in_a_fresh_process(tiny_run, tmp_path):
+    import mlflow
+
+    from metadqn.tracking.models import example_input, log_meta_model, predict_actions
+
+    params, _, out, _, _ = tiny_run
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "mlruns").as_uri())
+    with mlflow.start_run(experiment_id=exp):
+        info = log_meta_model(out.models / "hypernet", params.family.name)
+    frame = example_input(params.family.name, params.meta_train.context_size, n_obs=6, seed=3)
+    frame.to_parquet(tmp_path / "input.parquet")
+    local = predict_actions(MetaModel.load(out.models / "hypernet"), frame)
+    code = (
+        "import mlflow, pandas as pd, sys;"
+        f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}');"
+        f"m = mlflow.pyfunc.load_model('{info.model_uri}');"
+        f"print(m.predict(pd.read_parquet('{tmp_path / 'input.parquet'}')).to_json())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    remote = pd.read_json(__import__("io").StringIO(proc.stdout.strip().splitlines()[-1]))
+    assert remote["action"].tolist() == local["action"].tolist()
+    np.testing.assert_allclose(remote["q_0"].to_numpy(), local["q_0"].to_numpy(), rtol=1e-5)
