@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-STAGES = ("collect", "meta_train")
+STAGES = ("collect", "meta_train", "meta_test", "report")
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE)
@@ -27,7 +27,7 @@ def dvc_repro(stage: str) -> None:
 def pipeline_flow(stages: tuple[str, ...] = STAGES) -> None:
     for stage in stages:
         dvc_repro(stage)
-    print("pipeline up to date; metrics: reports/collect/metrics.json, reports/meta_train/metrics.json")
+    print("pipeline up to date; report: reports/report.html (metrics: reports/metrics.json)")
 
 
 if __name__ == "__main__":

@@ -111,3 +111,22 @@ def test_replay_export_has_real_transitions_only():
         order = idx[np.argsort(rep["step"][idx])]
         np.testing.assert_array_equal(rep["next_obs"][order[:-1]], rep["obs"][order[1:]])
         assert (np.diff(rep["step"][order]) == 1).all()
+
+
+def test_prefilled_transitions_are_in_the_replay_and_count_for_learning_starts():
+    from metadqn.dqn.rollout import collect_transitions
+
+    context = collect_transitions(CARTPOLE, DEFAULT_TASK, 37, 1, seed=0)
+    n = len(context[0]["action"])
+    cfg = TINY.model_copy(update={"total_steps": 8, "learning_starts": n, "envs_per_task": 4,
+                                  "train_frequency": 4, "gradient_steps": 1})
+    sd = init_state_dict(4, 2, cfg.hidden_sizes, seed=1)
+    result = train_dqn(CARTPOLE, DEFAULT_TASK, cfg, seed=0, init=[sd], prefill=context, keep_replay=1000)
+    rep = result.replay[0]
+    assert len(rep["obs"]) >= n
+    np.testing.assert_array_equal(rep["obs"][:n], context[0]["obs"])
+    np.testing.assert_array_equal(rep["action"][:n], context[0]["action"])
+    # the context filled learning_starts, so learning started at once; without it, no update happens
+    assert not torch.equal(result.final_params[0]["layers.0.weight"], sd["layers.0.weight"])
+    idle = train_dqn(CARTPOLE, DEFAULT_TASK, cfg, seed=0, init=[sd])
+    assert torch.equal(idle.final_params[0]["layers.0.weight"], sd["layers.0.weight"])

@@ -60,7 +60,7 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_dvc_repro_pipeline_then_noop(tmp_path):
+def test_dvc_repro_whole_tiny_pipeline_then_noop(tmp_path):
     project = make_project(tmp_path / "p")
     first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -72,6 +72,18 @@ def test_dvc_repro_pipeline_then_noop(tmp_path):
     meta = json.loads((project / "reports" / "meta_train" / "metrics.json").read_text())
     assert {"hypernet", "siamese", "reptile", "multitask"} <= set(meta)
     assert (project / "models" / "meta" / "hypernet" / "model.pt").exists()
+    summary = json.loads((project / "reports" / "metrics.json").read_text())
+    assert {"interp", "extrap"} <= set(summary)
+    assert {"zero_shot_iqm", "zero_shot_ci_low", "zero_shot_ci_high", "auc_iqm", "steps_to_threshold_iqm",
+            "steps_ratio_vs_scratch", "prob_improvement_vs_scratch"} <= set(summary["interp"]["hypernet"])
+    report = (project / "reports" / "report.md").read_text()
+    from metadqn.evaluation.report import SECTIONS
+
+    for section in SECTIONS:
+        assert f"## {section}" in report, section
+    html = (project / "reports" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "<script" not in html
+    assert (project / "models" / "adapted" / "index.csv").exists()
 
     start = time.perf_counter()
     second = dvc(project, "repro")
@@ -84,3 +96,6 @@ def test_dvc_repro_pipeline_then_noop(tmp_path):
 
     shown = dvc(project, "metrics", "show", "--json")
     assert "fraction_solved" in shown.stdout and "val_zero_shot_normalized" in shown.stdout
+    assert "zero_shot_iqm" in shown.stdout
+    plots = dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0 and "normalised_return" in plots.stdout

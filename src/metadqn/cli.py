@@ -98,6 +98,58 @@ def meta_train(
     typer.echo(f"meta-train: validation zero-shot (normalised): {summary}; metrics in {metrics}")
 
 
+@app.command("meta-test")
+def meta_test(
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    tasks: Annotated[Path, typer.Option(help="Input: the task sets.")] = paths.TASKS,
+    collect_metrics: Annotated[Path, typer.Option(help="Input: expert returns.")] = paths.COLLECT_METRICS,
+    models: Annotated[Path, typer.Option(help="Input: meta-models.")] = paths.META_MODELS,
+    curves: Annotated[Path, typer.Option(help="Output: learning curves (Parquet).")] = paths.META_TEST_CURVES_PARQUET,
+    curves_csv: Annotated[Path, typer.Option(help="Output: learning curves (CSV).")] = paths.META_TEST_CURVES_CSV,
+    scores: Annotated[Path, typer.Option(help="Output: per-run scores.")] = paths.META_TEST_SCORES,
+    metrics: Annotated[Path, typer.Option(help="Output: metrics JSON.")] = paths.METRICS,
+    adapted: Annotated[Path, typer.Option(help="Output: fine-tuned Q-networks.")] = paths.ADAPTED,
+) -> None:
+    """Fine-tune every method on every held-out task and seed; write curves, metrics and adapted networks."""
+    _setup_logging()
+    cfg = _load(base_params, params)
+    from flows.meta_test import meta_test_flow
+
+    from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.stages.meta_test import MetaTestOutputs
+
+    for need in (tasks, collect_metrics):
+        if not need.exists():
+            raise _fail(f"{need}: not found; run `dvc repro collect` (or `dvc pull`) first")
+    store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
+    out = MetaTestOutputs(curves_parquet=curves, curves_csv=curves_csv, scores=scores, metrics=metrics,
+                          adapted=adapted)
+    try:
+        meta_test_flow(cfg, store, models, out)
+    except MissingInputError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"meta-test: metrics in {metrics}, curves in {curves_csv}")
+
+
+@app.command()
+def report(
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    out_dir: Annotated[Path, typer.Option(help="Output: report.html, report.md, figures/.")] = Path("reports"),
+) -> None:
+    """Write the evaluation report (reports/report.html, self-contained, and reports/report.md)."""
+    _setup_logging()
+    cfg = _load(base_params, params)
+    from flows.report import report_flow
+
+    for need in (paths.METRICS, paths.META_TEST_CURVES_PARQUET, paths.META_TEST_SCORES):
+        if not need.exists():
+            raise _fail(f"{need}: not found; run `dvc repro meta_test` first")
+    html = report_flow(cfg, out_dir)
+    typer.echo(f"report: {html}")
+
+
 @app.command("check-params")
 def check_params(params: ParamsOpt = None, base_params: BaseOpt = Path("params.yaml")) -> None:
     """Validate params.yaml (and an overlay) and print its digest."""

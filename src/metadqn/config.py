@@ -188,8 +188,9 @@ class HypernetConfig(_Section):
     """Weight of the policy-distillation KL(softmax(Q_expert/T) || softmax(Q_generated/T)) (Rusu et al. 2016)."""
     kl_temperature: float = Field(0.01, gt=0)
     """T of the distillation softmax; small because the experts' action gaps are small (~0.07 on Q ~ 67)."""
-    q_weight: float = Field(1.0, ge=0)
-    """Weight of a Huber loss between generated and expert Q-values (keeps their scale for fine-tuning)."""
+    q_weight: float = Field(0.01, ge=0)
+    """Weight of a Huber loss between generated and expert Q-values (pulls their scale towards the
+    experts'; keep it small, see ``distillation_losses``)."""
     td_weight: float = Field(0.1, ge=0)
     """Weight of the TD loss through the generated parameters."""
     target_tau: float = Field(0.005, gt=0, le=1)
@@ -275,6 +276,59 @@ class MetaTrainConfig(_Section):
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
 
 
+METHODS = ("hypernet", "hypernet-oracle", "siamese", "reptile", "multitask", "scratch")
+
+
+class MetaTestConfig(_Section):
+    """The meta_test stage: fine-tuning every method on every held-out task, from equal budgets."""
+
+    seed: int = 0
+    """Seed of contexts and fine-tuning runs."""
+    seeds: int = Field(5, ge=1)
+    """Fine-tuning runs per (task, method)."""
+    methods: list[Literal["hypernet", "hypernet-oracle", "siamese", "reptile", "multitask", "scratch"]] = Field(
+        default_factory=lambda: list(METHODS), min_length=1)
+    """Methods to compare (a meta-learned one is skipped, with a warning, if meta_train did not produce it)."""
+    budget_steps: int = Field(20_000, ge=1)
+    """T: environment steps per run, the context's C transitions included (equal for every method)."""
+    eval_interval: int = Field(1_000, ge=1)
+    """t: environment steps between greedy evaluations (learning-curve points)."""
+    eval_episodes: int = Field(10, ge=1)
+    """Greedy episodes per evaluation."""
+    threshold: float = Field(0.9, gt=0)
+    """Steps to threshold: first evaluation with return >= threshold x the task's expert return."""
+    bootstrap_resamples: int = Field(2000, ge=100)
+    """Stratified-bootstrap resamples for the 95% confidence intervals."""
+    confidence: float = Field(0.95, gt=0, lt=1)
+    """Confidence level of the intervals."""
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the dqn section for fine-tuning (total_steps and evaluation come from this section)."""
+
+    @field_validator("finetune")
+    @classmethod
+    def _dqn_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(DQNConfig.model_fields))
+        if unknown:
+            raise ValueError(f"has unknown dqn key(s) {', '.join(unknown)}")
+        fixed = sorted({"total_steps", "eval_interval", "eval_episodes"} & set(v))
+        if fixed:
+            raise ValueError(f"must not set {', '.join(fixed)} (they come from meta_test itself)")
+        return v
+
+    def dqn(self, base: DQNConfig, context_steps: int) -> DQNConfig:
+        """The fine-tuning DQN config: ``base`` with the overrides, budget and evaluation of this section."""
+        return DQNConfig.model_validate({**base.model_dump(), **self.finetune,
+                                         "total_steps": self.budget_steps - context_steps,
+                                         "eval_interval": self.eval_interval, "eval_episodes": self.eval_episodes})
+
+
+class ReportConfig(_Section):
+    """The report stage."""
+
+    title: str = "metadqn meta-test report"
+    """Heading of reports/report.html and reports/report.md."""
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     """Log runs to MLflow (URI from MLFLOW_TRACKING_URI, default sqlite:///mlflow.db, artifacts in mlruns/)."""
@@ -289,7 +343,16 @@ class Params(BaseModel):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     dqn: DQNConfig = Field(default_factory=DQNConfig)
     meta_train: MetaTrainConfig = Field(default_factory=MetaTrainConfig)
+    meta_test: MetaTestConfig = Field(default_factory=MetaTestConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _budget_covers_context(self) -> Params:
+        c, t = self.meta_train.context_size, self.meta_test.budget_steps
+        if t <= c:
+            raise ValueError(f"meta_test.budget_steps must exceed meta_train.context_size ({c}) (got {t})")
+        return self
 
     def digest(self) -> str:
         """A short, stable hash of every value (recorded with each run and model version)."""
@@ -381,7 +444,7 @@ def _format_error(err: Mapping[str, Any], source: str) -> str:
     got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
     if err["type"] == "value_error":
         got = ""
-    return f"{source}: {loc} {rule}{got}"
+    return f"{source}: {loc + ' ' if loc else ''}{rule}{got}"
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overlay: Path | str | None = None) -> Params:

@@ -58,6 +58,34 @@ class BatchedReplayBuffer:
         self.pos = (self.pos + self.envs_per_slot) % self.capacity
         self.size = min(self.size + self.envs_per_slot, self.capacity)
 
+    def extend(self, transitions: list[dict[str, np.ndarray]]) -> None:
+        """Writes the same number n of transitions into every slot (e.g. a task's context before fine-tuning).
+
+        Arrays are per slot: obs [n, d], action, reward, next_obs, terminated, truncated, episode, step.
+        n is padded with weight-0 rows to a multiple of E, so later vector steps stay aligned.
+        """
+        n = len(transitions[0]["action"])
+        if any(len(t["action"]) != n for t in transitions) or len(transitions) != self.n_slots:
+            raise ValueError("extend() needs one transition set per slot, all of the same length")
+        e = self.envs_per_slot
+        padded = -(-n // e) * e
+        if padded > self.capacity:
+            raise ValueError(f"{n} transitions do not fit a replay of capacity {self.capacity}")
+
+        def stack(key: str, dtype: torch.dtype) -> Tensor:
+            arr = torch.stack([torch.as_tensor(np.asarray(t[key])) for t in transitions]).to(dtype)
+            pad = torch.zeros(self.n_slots, padded - n, *arr.shape[2:], dtype=dtype)
+            return torch.cat([arr, pad], 1).view(self.n_slots, padded // e, e, *arr.shape[2:]).to(self.device)
+
+        obs, nxt = stack("obs", torch.float32), stack("next_obs", torch.float32)
+        cols = [stack(k, torch.float32) for k in ("action", "reward", "terminated", "truncated")]
+        ep, st = stack("episode", torch.int64), stack("step", torch.int64)
+        valid = torch.cat([torch.ones(self.n_slots, n), torch.zeros(self.n_slots, padded - n)], 1)
+        valid = valid.view(self.n_slots, padded // e, e).to(self.device)
+        for i in range(padded // e):
+            self.add(obs[:, i], cols[0][:, i], cols[1][:, i], nxt[:, i], cols[2][:, i], cols[3][:, i], valid[:, i],
+                     ep[:, i], st[:, i])
+
     def _unpack(self, rows: Tensor) -> ReplayBatch:
         d = self.obs_dim
         return ReplayBatch(rows[..., :d].contiguous(), rows[..., 2 * d].long(), rows[..., 2 * d + 1],

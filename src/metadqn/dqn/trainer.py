@@ -136,6 +136,7 @@ def train_dqn(
     seed: int,
     init: Sequence[StateDict | None] | None = None,
     keep_replay: int = 0,
+    prefill: Sequence[dict[str, np.ndarray]] | None = None,
     evaluate: bool = True,
     on_steps: Callable[[int], None] | None = None,
 ) -> TrainResult:
@@ -146,6 +147,8 @@ def train_dqn(
     ``evaluate`` must be off (there is no single task to evaluate a slot on).
 
     ``init[k]`` is slot k's initial QNetwork state_dict (``None``: a fresh network from its own seed).
+    ``prefill[k]`` are transitions already collected on slot k's task (meta-test: the task's context),
+    written into its replay before the first step; they count towards ``learning_starts``.
     ``on_steps`` is called with the env steps per slot done since the last call (progress bars).
     Deterministic on CPU for a given ``seed``.
     """
@@ -184,6 +187,10 @@ def train_dqn(
     obs_np, _ = env.reset(seed=env_seed)
     obs = torch.as_tensor(obs_np, device=device).view(k, e, -1)
     replay = BatchedReplayBuffer(k, cfg.buffer_size, family.obs_dim, e, device)
+    prefilled = 0
+    if prefill is not None:
+        replay.extend(list(prefill))
+        prefilled = len(prefill[0]["action"])
     tracker = EpisodeTracker(k, e)
     prev_done = np.zeros(k * e, dtype=bool)
     evaluator = GreedyEvaluator(family, tasks, cfg.eval_episodes, eval_seed, device) if evaluate else None
@@ -243,7 +250,7 @@ def train_dqn(
         if on_steps is not None:
             on_steps(e)
 
-        if steps >= cfg.learning_starts:
+        if steps + prefilled >= cfg.learning_starts:
             train_due += e
             while train_due >= cfg.train_frequency:
                 train_due -= cfg.train_frequency

@@ -30,11 +30,20 @@ from metadqn.envs.families import Family
 def transition_features(frame: pd.DataFrame, family: Family) -> np.ndarray:
     """[N, 2 * obs_dim + n_actions + 2] raw features of transitions (one row per transition)."""
     d = family.obs_dim
-    obs = frame[[f"obs_{i}" for i in range(d)]].to_numpy(np.float32)
-    nxt = frame[[f"next_obs_{i}" for i in range(d)]].to_numpy(np.float32)
-    onehot = np.eye(family.n_actions, dtype=np.float32)[frame["action"].to_numpy()]
-    reward = frame["reward"].to_numpy(np.float32)[:, None]
-    term = frame["terminated"].to_numpy(np.float32)[:, None]
+    return features_from_arrays({
+        "obs": frame[[f"obs_{i}" for i in range(d)]].to_numpy(np.float32),
+        "next_obs": frame[[f"next_obs_{i}" for i in range(d)]].to_numpy(np.float32),
+        "action": frame["action"].to_numpy(), "reward": frame["reward"].to_numpy(),
+        "terminated": frame["terminated"].to_numpy(),
+    }, family)
+
+
+def features_from_arrays(tr: dict[str, np.ndarray], family: Family) -> np.ndarray:
+    """The same features from transition arrays (as ``collect_transitions`` returns them)."""
+    obs, nxt = np.asarray(tr["obs"], np.float32), np.asarray(tr["next_obs"], np.float32)
+    onehot = np.eye(family.n_actions, dtype=np.float32)[np.asarray(tr["action"], dtype=np.int64)]
+    reward = np.asarray(tr["reward"], np.float32)[:, None]
+    term = np.asarray(tr["terminated"], np.float32)[:, None]
     return np.concatenate([obs, onehot, reward, nxt - obs, term], axis=1)
 
 

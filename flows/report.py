@@ -1,0 +1,20 @@
+"""Prefect flow for the report stage; the summary table also goes to Prefect as a markdown artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metadqn.evaluation.report import build_report
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from metadqn.config import Params
+
+
+@flow(name="report", log_prints=True)
+def report_flow(params: Params, out_dir: Path = Path("reports")) -> Path:
+    result = build_report(params, out_dir)
+    create_markdown_artifact(markdown=result.summary_markdown, key="metadqn-meta-test-summary",
+                             description="metadqn meta-test summary (IQM with 95% CIs)")
+    print(f"report written: {result.html}")
+    return result.html

@@ -1,0 +1,93 @@
+"""The meta_test stage: the protocol on the held-out tasks, per-run scores, the summary metrics, and the
+fine-tuned Q-networks (``models/adapted/<task_id>/<method>-seed<s>.pt``, indexed by ``index.csv``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from metadqn import paths
+from metadqn.config import Params
+from metadqn.data.io import atomic_path, save_state_dict, write_json
+from metadqn.data.store import TaskStore
+from metadqn.envs.sampling import SPLITS
+from metadqn.evaluation.protocol import run_protocol
+from metadqn.evaluation.summary import per_run_scores, summarise
+
+log = logging.getLogger("metadqn.meta_test")
+
+
+@dataclass(frozen=True)
+class MetaTestOutputs:
+    curves_parquet: Path = paths.META_TEST_CURVES_PARQUET
+    curves_csv: Path = paths.META_TEST_CURVES_CSV
+    scores: Path = paths.META_TEST_SCORES
+    metrics: Path = paths.METRICS
+    adapted: Path = paths.ADAPTED
+
+
+def run_meta_test(params: Params, store: TaskStore, models: Path = paths.META_MODELS,
+                  out: MetaTestOutputs = MetaTestOutputs(), tags: dict[str, str] | None = None) -> dict[str, Any]:
+    from metadqn.tracking.runs import stage_run
+
+    start = time.perf_counter()
+    store = TaskStore(store.tasks_path, store.trajectories, store.experts, store.collect_metrics,
+                      allowed=frozenset(SPLITS))
+    result = run_protocol(params, store, models)
+    scores = per_run_scores(result.curves, params.meta_test.threshold, result.budget_steps)
+    metrics: dict[str, Any] = summarise(scores, params.meta_test)
+    metrics["budget_steps"] = result.budget_steps
+    metrics["context_steps"] = result.context_steps
+    metrics["wall_s"] = round(time.perf_counter() - start, 2)
+
+    with atomic_path(out.curves_parquet) as tmp:
+        result.curves.to_parquet(tmp, index=False)
+    with atomic_path(out.curves_csv) as tmp:
+        result.curves.to_csv(tmp, index=False)
+    with atomic_path(out.scores) as tmp:
+        scores.to_csv(tmp, index=False)
+    index = []
+    for row, sd in zip(result.runs.itertuples(index=False), result.final_params, strict=True):
+        rel = Path(row.task_id) / f"{row.method}-seed{row.seed}.pt"
+        save_state_dict(out.adapted / rel, sd)
+        index.append({"task_id": row.task_id, "split": row.split, "method": row.method, "seed": row.seed,
+                      "path": rel.as_posix()})
+    final = scores.set_index(["task_id", "method", "seed"])["final"]
+    frame = pd.DataFrame(index)
+    frame["final_normalised_return"] = [final[(r.task_id, r.method, r.seed)] for r in frame.itertuples()]
+    with atomic_path(out.adapted / "index.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    write_json(out.metrics, metrics)
+    for split in ("interp", "extrap"):
+        for method, m in metrics.get(split, {}).items():
+            log.info("%s %-16s zero-shot IQM %.3f [%.3f, %.3f]  AUC %.3f  steps-to-threshold %s (ratio %s)",
+                     split, method, m["zero_shot_iqm"], m["zero_shot_ci_low"], m["zero_shot_ci_high"], m["auc_iqm"],
+                     m["steps_to_threshold_iqm"], m["steps_ratio_vs_scratch"])
+
+    with stage_run("meta_test", params.family.name, params.flat(), params.digest(), params.tracking.enabled,
+                   tags) as run:
+        if run is not None:
+            _track(run, metrics, result.curves, out)
+    return metrics
+
+
+def _track(run: Any, metrics: dict[str, Any], curves: pd.DataFrame, out: MetaTestOutputs) -> None:
+    import mlflow
+
+    from metadqn.evaluation.metrics import iqm
+    from metadqn.tracking.runs import log_step_metrics
+
+    flat = {f"{split}.{method}.{k}": float(v) for split in ("interp", "extrap") for method, m in
+            metrics.get(split, {}).items() for k, v in m.items() if isinstance(v, (int, float)) and v is not None}
+    mlflow.log_metrics(flat)
+    agg = (curves.groupby(["split", "method", "step"])["normalised_return"].apply(lambda v: float(iqm(v.to_numpy())))
+           .reset_index())
+    agg["key"] = agg["split"] + "." + agg["method"]
+    log_step_metrics(run, agg, "key", "step", "normalised_return", "curve_iqm/")
+    mlflow.log_artifact(str(out.metrics))
+    mlflow.log_artifact(str(out.scores))
