@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +20,29 @@ def tiny_params():
     from metadqn.config import load_params
 
     return load_params(ROOT / "params.yaml", TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """collect + meta_train on the tiny params, in process, tracking off (shared by several test files)."""
+    from metadqn.config import load_params
+    from metadqn.data.store import TRAINING_SPLITS, TaskStore
+    from metadqn.stages.collect import CollectOutputs, run_collect
+    from metadqn.stages.meta_train import MetaTrainOutputs, run_meta_train
+
+    params = load_params(ROOT / "params.yaml", TINY)
+    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
+    root = tmp_path_factory.mktemp("tiny")
+    col = CollectOutputs(tasks=root / "tasks.parquet", trajectories=root / "traj", experts=root / "experts",
+                         metrics=root / "collect.json", curves=root / "curves.csv")
+    run_collect(params, col)
+    # meta-training must not need the test tasks at all: delete their data first
+    tasks = pd.read_parquet(col.tasks)
+    for tid in tasks.loc[~tasks["split"].isin(TRAINING_SPLITS), "task_id"]:
+        (col.trajectories / f"{tid}.parquet").unlink()
+        (col.experts / f"{tid}.pt").unlink()
+    store = TaskStore(col.tasks, col.trajectories, col.experts, col.metrics)
+    out = MetaTrainOutputs(models=root / "meta", metrics=root / "meta.json", cross_eval=root / "cross.csv",
+                           curves=root / "meta_curves.csv")
+    metrics = run_meta_train(params, store, out)
+    return params, store, out, metrics, col

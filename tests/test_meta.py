@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from metadqn.data.store import TRAINING_SPLITS, LeakageError, TaskStore
+from metadqn.data.store import LeakageError, TaskStore
 from metadqn.dqn import QNetwork, init_state_dict
 from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
 from metadqn.envs import get_family
@@ -87,31 +87,6 @@ def test_top1_agreement_counts_ties_and_its_random_control():
 
 
 # ------------------------------------------------------------------------------------ end to end (tiny)
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from metadqn.config import load_params
-    from metadqn.stages.collect import CollectOutputs, run_collect
-    from metadqn.stages.meta_train import MetaTrainOutputs, run_meta_train
-    from tests.conftest import ROOT, TINY
-
-    params = load_params(ROOT / "params.yaml", TINY)
-    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
-    root = tmp_path_factory.mktemp("tiny")
-    col = CollectOutputs(tasks=root / "tasks.parquet", trajectories=root / "traj", experts=root / "experts",
-                         metrics=root / "collect.json", curves=root / "curves.csv")
-    run_collect(params, col)
-    # meta-training must not need the test tasks at all: delete their data first
-    tasks = pd.read_parquet(col.tasks)
-    for tid in tasks.loc[~tasks["split"].isin(TRAINING_SPLITS), "task_id"]:
-        (col.trajectories / f"{tid}.parquet").unlink()
-        (col.experts / f"{tid}.pt").unlink()
-    store = TaskStore(col.tasks, col.trajectories, col.experts, col.metrics)
-    out = MetaTrainOutputs(models=root / "meta", metrics=root / "meta.json", cross_eval=root / "cross.csv",
-                           curves=root / "meta_curves.csv")
-    metrics = run_meta_train(params, store, out)
-    return params, store, out, metrics, col
-
-
 @pytest.mark.slow
 def test_tiny_meta_train_completes_and_beats_a_random_network(tiny_run):
     from metadqn.meta.dataset import greedy_returns, load_meta_data

@@ -150,6 +150,31 @@ def report(
     typer.echo(f"report: {html}")
 
 
+@app.command()
+def promote(
+    model: Annotated[str | None, typer.Option("--model", help="One registered model name (default: all).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the decisions without moving aliases.")] = False,
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+) -> None:
+    """Move `champion` to each meta-model's `challenger` where the registry rule in params holds."""
+    cfg = _load(base_params, params)
+    from metadqn.tracking.registry import promote as run_promote
+    from metadqn.tracking.runs import configure_tracking
+
+    configure_tracking()
+    decisions = run_promote(cfg, model, dry_run)
+    if not decisions:
+        raise _fail("no registered model has a challenger; run `make pipeline` first")
+    typer.echo(f"rule: {cfg.registry.metric} IQM of challenger {cfg.registry.rule.replace('_', ' ')} of champion"
+               f"{' (dry run)' if dry_run else ''}")
+    typer.echo(f"{'model':40} {'chall.':>6} {'champ.':>6} {'chall. IQM':>10} {'champ. IQM':>10} {'bound':>7}  decision")
+    for d in decisions:
+        verdict = ("would promote" if dry_run else "PROMOTED") if d.promoted else "kept champion"
+        typer.echo(f"{d.name:40} {d.challenger or '-':>6} {d.champion or '-':>6} {d.challenger_value:>10.3f} "
+                   f"{d.champion_value:>10.3f} {d.champion_bound:>7.3f}  {verdict}: {d.reason}")
+
+
 @app.command("check-params")
 def check_params(params: ParamsOpt = None, base_params: BaseOpt = Path("params.yaml")) -> None:
     """Validate params.yaml (and an overlay) and print its digest."""

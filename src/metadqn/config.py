@@ -329,6 +329,17 @@ class ReportConfig(_Section):
     """Heading of reports/report.html and reports/report.md."""
 
 
+class RegistryConfig(_Section):
+    """MLflow model registry: what is registered after a pipeline run, and the promotion rule."""
+
+    metric: str = "interp.zero_shot"
+    """``<split>.<metric>`` from reports/metrics.json that promotion compares (its _iqm and _ci_high)."""
+    rule: Literal["above_ci_high", "above_iqm"] = "above_ci_high"
+    """Promote when the challenger's IQM is above the champion's upper CI bound (or simply its IQM)."""
+    qnet_method: str = "hypernet"
+    """Whose adapted Q-networks (seed 0, one per test task) are registered as metadqn-<family>-qnet."""
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     """Log runs to MLflow (URI from MLFLOW_TRACKING_URI, default sqlite:///mlflow.db, artifacts in mlruns/)."""
@@ -345,6 +356,7 @@ class Params(BaseModel):
     meta_train: MetaTrainConfig = Field(default_factory=MetaTrainConfig)
     meta_test: MetaTestConfig = Field(default_factory=MetaTestConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

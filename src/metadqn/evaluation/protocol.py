@@ -29,6 +29,7 @@ from metadqn.envs.families import Family
 from metadqn.envs.sampling import task_matrix
 from metadqn.meta.context import features_from_arrays, oracle_features
 from metadqn.meta.model import MetaModel
+from metadqn.progress import Progress
 
 log = logging.getLogger("metadqn.meta_test")
 TEST_SPLITS = ("interp", "extrap")
@@ -66,6 +67,13 @@ def contexts(family: Family, matrix: np.ndarray, size: int, seed: int) -> list[d
     return out
 
 
+def check_equal_budgets(curves: pd.DataFrame, budget: int) -> None:
+    """Every run must have been evaluated at the same steps and end at the same budget, whatever its method."""
+    grids = curves.groupby(["task_id", "method", "seed"])["step"].apply(lambda s: tuple(sorted(s)))
+    if grids.nunique() != 1 or grids.iloc[0][-1] != budget:
+        raise AssertionError(f"unequal budgets across runs: {grids.value_counts().to_dict()} (budget {budget})")
+
+
 def run_protocol(params: Params, store: TaskStore, models: Path) -> ProtocolResult:
     family = params.family.family()
     mt = params.meta_test
@@ -93,8 +101,9 @@ def run_protocol(params: Params, store: TaskStore, models: Path) -> ProtocolResu
     cfg = mt.dqn(params.dqn, c)
     log.info("meta-test: %d tasks x %d methods x %d seeds = %d runs of %d steps (+%d context)",
              len(tests), len(methods), mt.seeds, len(slots), cfg.total_steps, c)
-    result = train_dqn(family, matrix[[t for t, _, _ in slots]], cfg, int(seeds[-1]), init=inits,
-                       prefill=prefill)
+    with Progress(cfg.total_steps, f"fine-tuning {len(slots)} runs") as bar:
+        result = train_dqn(family, matrix[[t for t, _, _ in slots]], cfg, int(seeds[-1]), init=inits,
+                           prefill=prefill, on_steps=bar.advance)
 
     runs = pd.DataFrame([{"slot": k, "task_id": tests["task_id"][t], "split": tests["split"][t], "method": m,
                           "seed": s} for k, (t, m, s) in enumerate(slots)])
@@ -104,5 +113,6 @@ def run_protocol(params: Params, store: TaskStore, models: Path) -> ProtocolResu
     curves = curves.rename(columns={"eval_return": "return"})
     curves["normalised_return"] = curves["return"] / curves["task_id"].map(expert)
     curves = curves[["task_id", "split", "method", "seed", "step", "return", "normalised_return"]]
+    check_equal_budgets(curves, mt.budget_steps)
     return ProtocolResult(runs.drop(columns="slot"), curves.sort_values(["split", "method", "task_id", "seed", "step"])
                           .reset_index(drop=True), result.final_params, c, mt.budget_steps)

@@ -35,6 +35,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+def configure_tracking() -> str:
+    """Points MLflow at the tracking URI (default sqlite:///mlflow.db) and returns it."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def experiment_name(family: str) -> str:
     return f"metadqn-{family}"
 
@@ -61,7 +70,7 @@ def stage_run(stage: str, family: str, params: Mapping[str, Any], digest: str, e
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    configure_tracking()
     exp_id = _ensure_experiment(experiment_name(family))
     all_tags = {"stage": stage, "git_commit": git_commit(), "params_digest": digest, "family": family,
                 **(tags or {})}

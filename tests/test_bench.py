@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_script_runs_and_writes_its_table(tmp_path):
+    pytest.importorskip("stable_baselines3")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dqn_throughput.py"), "--quick", "--ks", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["setting"], r["system"]) for r in results} == {(s, y) for s in ("light", "heavy")
+                                                              for y in ("sb3", "metadqn")}
+    for r in results:
+        assert r["env_steps_per_s"] > 0 and r["ratio_vs_sb3"] > 0
+    assert "x SB3 best" in proc.stdout
