@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metadqn.evaluation.report import build_report
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from metadqn.config import Params
+from metadqn.evaluation.report import build_report
 
 
 @flow(name="report", log_prints=True)

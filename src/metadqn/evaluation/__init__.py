@@ -1,0 +1,1 @@
+"""Meta-test protocol, metrics (IQM, stratified-bootstrap CIs), summary and report."""

@@ -1,0 +1,1 @@
+"""Meta-learners: context encoders, hypernetwork, Siamese index, Reptile, multitask baseline."""
