@@ -77,3 +77,24 @@ def test_cli_refuses_bad_params_with_exit_2_and_touches_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: params.yaml: collect.n_train_tasks must be >= 2 (got 0)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_stage_commands_refuse_missing_or_foreign_inputs_in_one_line(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "metadqn.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+
+    proc = run("meta-train")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: data/tasks.parquet: not found; run `dvc repro collect` (or `dvc pull`) first"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tasks.parquet").write_text("not parquet")
+    proc = run("meta-test")
+    assert proc.returncode == 2 and "data/tasks.parquet: not a readable task table" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("report")
+    assert proc.returncode == 2 and "reports/metrics.json: not found" in proc.stderr

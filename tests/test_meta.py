@@ -152,3 +152,22 @@ def test_meta_model_loads_from_mlflow_in_a_fresh_process(tiny_run, tmp_path):
     remote = pd.read_json(__import__("io").StringIO(proc.stdout.strip().splitlines()[-1]))
     assert remote["action"].tolist() == local["action"].tolist()
     np.testing.assert_allclose(remote["q_0"].to_numpy(), local["q_0"].to_numpy(), rtol=1e-5)
+
+
+def test_value_offset_calibration_keeps_the_policy_and_matches_the_expert_level():
+    from metadqn.meta.hypernet import calibrate_value_offset
+
+    model = _hyper()
+    torch.nn.init.normal_(model.head.weight, std=0.05)
+    contexts = torch.randn(3, 10, F_DIM)
+    obs = torch.randn(3, 20, FAMILY.obs_dim)
+    q_before = model.q_values(model(contexts), obs).detach()
+    q_expert = q_before + 80.0 + 0.01 * torch.randn_like(q_before)
+    offset = calibrate_value_offset(model, contexts, obs, q_expert)
+    assert offset == pytest.approx(80.0, abs=0.05)
+    for t, sd in enumerate(model.generate(contexts)):
+        net = QNetwork(FAMILY.obs_dim, FAMILY.n_actions, [16, 16])
+        net.load_state_dict(sd)
+        q = net(obs[t]).detach()
+        assert torch.equal(q.argmax(-1), q_before[t].argmax(-1))
+        assert q.mean().item() == pytest.approx(q_expert[t].mean().item(), abs=0.5)

@@ -79,6 +79,9 @@ print('return', total)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "return" in proc.stdout
 
+    # `mlflow models serve` answers a real HTTP request for the champion on loopback
+    _serve_and_query(tmp_path, name, params)
+
     # a changed, worse challenger is registered but not promoted
     worse = tmp_path / "meta2"
     shutil.copytree(out.models, worse)
@@ -93,3 +96,50 @@ print('return', total)
     assert not decisions[name].promoted
     assert client.get_model_version_by_alias(name, CHAMPION).version == champion.version
     assert client.get_model_version(name, "2").tags["promotion.decision"] == "rejected"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_and_query(tmp_path, name: str, params) -> None:
+    import os
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from metadqn.tracking.models import example_input
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow models serve exited"
+            assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
+            time.sleep(1)
+        frame = example_input(params.family.name, params.meta_train.context_size, n_obs=3)
+        body = json.dumps({"dataframe_split": json.loads(frame.to_json(orient="split", index=False))}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        rows = answer["predictions"]
+        assert len(rows) == 3 and all(row["action"] in (0, 1) for row in rows)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

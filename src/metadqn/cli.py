@@ -84,11 +84,15 @@ def meta_train(
     from flows.meta_train import meta_train_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.data.trajectories import SchemaError
+    from metadqn.preflight import check_store
     from metadqn.stages.meta_train import MetaTrainOutputs
 
     store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
-    if not tasks.exists():
-        raise _fail(f"{tasks}: not found; run `dvc repro collect` (or `dvc pull`) first")
+    try:
+        check_store(store, ("train", "val"), cfg.family.family().obs_dim)
+    except (MissingInputError, SchemaError) as exc:
+        raise _fail(str(exc)) from None
     out = MetaTrainOutputs(models=models, metrics=metrics, cross_eval=cross_eval, curves=curves)
     try:
         result = meta_train_flow(cfg, store, out)
@@ -117,12 +121,17 @@ def meta_test(
     from flows.meta_test import meta_test_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.data.trajectories import SchemaError
+    from metadqn.preflight import check_store
     from metadqn.stages.meta_test import MetaTestOutputs
 
-    for need in (tasks, collect_metrics):
-        if not need.exists():
-            raise _fail(f"{need}: not found; run `dvc repro collect` (or `dvc pull`) first")
     store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
+    try:
+        check_store(store, (), cfg.family.family().obs_dim)
+    except (MissingInputError, SchemaError) as exc:
+        raise _fail(str(exc)) from None
+    if not (models / "hypernet").exists() and not (models / "siamese").exists():
+        typer.echo(f"warning: no meta-models in {models}; only the baselines will be compared", err=True)
     out = MetaTestOutputs(curves_parquet=curves, curves_csv=curves_csv, scores=scores, metrics=metrics,
                           adapted=adapted)
     try:

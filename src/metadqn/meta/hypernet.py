@@ -58,9 +58,18 @@ class HyperQ(nn.Module):
         with torch.no_grad():  # Bias-HyperInit
             self.head.weight.zero_()
             self.head.bias.copy_(base)
+        self.n_actions = n_actions
+        # Added to every generated network's output-layer bias: shifts all Q-values equally, so the policy
+        # (and the distillation KL) is unchanged, but the Q-values start on the experts' scale, which keeps
+        # DQN fine-tuning from wrecking the policy while it lifts them. Zero while training; set by
+        # calibrate_value_offset at the end.
+        self.register_buffer("value_offset", torch.zeros(()))
 
     def forward(self, task_input: Tensor) -> Tensor:
-        return self.head(self.trunk(self.encoder(task_input)))
+        flat = self.head(self.trunk(self.encoder(task_input)))
+        if self.value_offset.item() != 0.0:
+            flat = torch.cat([flat[:, :-self.n_actions], flat[:, -self.n_actions:] + self.value_offset], dim=1)
+        return flat
 
     def q_values(self, flat: Tensor, obs: Tensor) -> Tensor:
         return functional_q(flat, obs, self.shapes)
@@ -99,6 +108,15 @@ class StatePool:
         idx = (u * self.count.unsqueeze(1)).long()
         k = torch.arange(self.count.shape[0]).unsqueeze(1)
         return self.obs[k, idx], self.q[k, idx]
+
+
+@torch.no_grad()
+def calibrate_value_offset(model: HyperQ, task_input: Tensor, obs: Tensor, q_expert: Tensor) -> float:
+    """Sets the offset to the mean gap between the experts' and the generated networks' value level."""
+    model.value_offset.zero_()
+    gap = (q_expert.mean(-1) - model.q_values(model(task_input), obs).mean(-1)).mean()
+    model.value_offset.fill_(float(gap))
+    return float(gap)
 
 
 def distillation_losses(model: HyperQ, flat: Tensor, obs: Tensor, q_expert: Tensor,
@@ -249,4 +267,8 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
     final = HyperQ(ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim),
                    mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, 0)
     final.load_state_dict(best[1])
+    gen = torch.Generator().manual_seed(mt.seed)
+    obs, q = base.sample(cfg.batch_states, gen)
+    offset = calibrate_value_offset(final, data.train.physics if oracle else data.train.contexts.sample(gen), obs, q)
+    log.info("%s: value offset %.2f added to the generated output biases", name, offset)
     return FitResult(final.eval(), best[0], curves, seed_scores)
