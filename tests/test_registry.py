@@ -115,11 +115,13 @@ def _serve_and_query(tmp_path, name: str, params) -> None:
     from metadqn.tracking.models import example_input
 
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # the server execs uvicorn from PATH: put the venv's bin first, as `source .venv/bin/activate` would
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
                                "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))  # noqa: SIM115
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -129,7 +131,7 @@ def _serve_and_query(tmp_path, name: str, params) -> None:
                         break
             except OSError:
                 pass
-            assert server.poll() is None, "mlflow models serve exited"
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
             time.sleep(1)
         frame = example_input(params.family.name, params.meta_train.context_size, n_obs=3)
