@@ -93,7 +93,7 @@ def verdict(metrics: dict[str, Any]) -> list[str]:
             ratio = m["steps_ratio_vs_scratch"]
             ratio_txt = ""
             if ratio:
-                ratio_txt = f"; it reaches 90% of the expert in {_fmt(1 / ratio)}x scratch's steps"
+                ratio_txt = f"; it reaches 90% of the expert in {1 / ratio:.2g}x scratch's steps"
             lines.append(f"On {name} tasks, **{method}** starts at {_fmt(m['zero_shot_iqm'])} of the expert's "
                          f"return (IQM), {zs}, and {auc}{ratio_txt}.")
         for a, b in (("hypernet", "multitask"), ("hypernet", "siamese")):
