@@ -8,8 +8,11 @@ registry and Prefect, not files that DVC tracks.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -22,6 +25,29 @@ from metadqn import paths
 from metadqn.config import load_params
 
 STAGES = ("collect", "meta_train", "meta_test", "report")
+LOCK = Path(".metadqn-pipeline.lock")
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline run holds the lock."""
+
+
+@contextlib.contextmanager
+def pipeline_lock(path: Path = LOCK) -> Iterator[None]:
+    """One pipeline run at a time per project: a second (e.g. an overlapping scheduled run) is refused.
+
+    An OS-level lock (released by the kernel if the holder dies), so a crashed run never blocks the next.
+    """
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineBusy(f"another metadqn pipeline run holds {path}; try again when it has finished") \
+                from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @task(name="dvc-repro", cache_policy=NO_CACHE, task_run_name="dvc-repro-{stage}")
@@ -58,10 +84,11 @@ def register_and_promote() -> list[str]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(stages: tuple[str, ...] = STAGES, register: bool = True) -> None:
-    for stage in stages:
-        dvc_repro(stage)
-    if register:
-        register_and_promote()
+    with pipeline_lock():
+        for stage in stages:
+            dvc_repro(stage)
+        if register:
+            register_and_promote()
     if Path("reports/report.md").exists():
         text = Path("reports/report.md").read_text()
         start = text.find("## Headline results")

@@ -81,3 +81,10 @@ def test_dvc_md5_matches_dvc_conventions(tmp_path):
     h = dvc_md5(tmp_path / "d")
     assert h.endswith(".dir") and len(h) == 36
     assert dvc_md5(tmp_path / "d" / "a.txt") == "0cc175b9c0f1b6a831c399e269772661"  # md5("a")
+
+
+def test_saving_the_same_state_dict_twice_gives_the_same_bytes(tmp_path):
+    sd = init_state_dict(4, 2, [8], seed=0)
+    save_state_dict(tmp_path / "a.pt", sd)
+    save_state_dict(tmp_path / "b.pt", sd)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

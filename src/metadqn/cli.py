@@ -195,8 +195,13 @@ def check_params(params: ParamsOpt = None, base_params: BaseOpt = Path("params.y
 def pipeline() -> None:
     """Bring the whole DVC pipeline up to date through the Prefect pipeline flow."""
     _setup_logging()
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import PipelineBusy, pipeline_flow, pipeline_lock
 
+    try:  # refuse before Prefect starts, with one line; the flow takes the lock itself too
+        with pipeline_lock():
+            pass
+    except PipelineBusy as exc:
+        raise _fail(str(exc)) from None
     pipeline_flow()
 
 

@@ -45,8 +45,10 @@ def write_text(path: Path | str, text: str) -> None:
 
 
 def save_state_dict(path: Path | str, state_dict: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp)
+    # Through a file handle: given a path, torch.save names the zip's root folder after the (temporary,
+    # random) file name, so identical tensors gave different bytes and DVC hashes in every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, handle)
 
 
 def load_state_dict(path: Path | str) -> dict[str, torch.Tensor]:

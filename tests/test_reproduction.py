@@ -1,0 +1,56 @@
+"""Exact reproduction across clones, and sharing data through a DVC remote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from tests.test_pipeline_dvc import dvc, make_project
+
+# wall-clock times are the only non-deterministic outputs (DVC tracks these files with cache: false)
+TIMED = {"reports/collect/metrics.json", "reports/meta_train/metrics.json", "reports/metrics.json"}
+
+
+def _without_times(obj):
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if not k.endswith("wall_s")}
+    return obj
+
+
+def _outs(project) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
+@pytest.mark.slow
+def test_two_clones_reproduce_the_same_outputs_and_a_third_pulls_them(tmp_path):
+    a, b = make_project(tmp_path / "a"), make_project(tmp_path / "b")
+    for p in (a, b):
+        run = dvc(p, "repro")
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    outs_a, outs_b = _outs(a), _outs(b)
+    assert outs_a.keys() == outs_b.keys()
+    differ = {k for k in outs_a if outs_a[k] != outs_b[k]} - TIMED - {"reports/report.html", "reports/report.md"}
+    assert not differ, f"outputs differ between clones: {sorted(differ)}"
+    for rel in TIMED:
+        assert _without_times(json.loads((a / rel).read_text())) == _without_times(json.loads((b / rel).read_text()))
+
+    # share a's data through a local DVC remote; a fresh clone of a's commit pulls it and has nothing to rerun
+    remote = tmp_path / "remote"
+    assert dvc(a, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
+    push = dvc(a, "push")
+    assert push.returncode == 0, push.stderr[-2000:]
+    subprocess.run(["git", "add", "-A"], cwd=a, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], cwd=a, check=True)
+    c = tmp_path / "c"
+    subprocess.run(["git", "clone", "-q", str(a), str(c)], check=True)
+    assert dvc(c, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
+    pull = dvc(c, "pull")
+    assert pull.returncode == 0, pull.stderr[-2000:]
+    status = dvc(c, "status")
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    again = dvc(c, "repro")
+    assert "Running stage" not in again.stdout
