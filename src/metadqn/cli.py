@@ -8,11 +8,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from metadqn import paths
+
+if TYPE_CHECKING:
+    from metadqn.config import Params
+    from metadqn.data.store import TaskStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="metadqn: meta-reinforcement-learning with deep Q-learning, as a reproducible pipeline.")
@@ -32,6 +36,18 @@ def _setup_logging() -> None:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def _preflight(store: TaskStore, splits: tuple[str, ...], cfg: Params) -> None:
+    """Checks a stage's inputs before Prefect starts: a missing or foreign file ends in one line."""
+    from metadqn.data.store import MissingInputError
+    from metadqn.data.trajectories import SchemaError
+    from metadqn.preflight import check_store
+
+    try:
+        check_store(store, splits, cfg.family.family().obs_dim)
+    except (MissingInputError, SchemaError) as exc:
+        raise _fail(str(exc)) from None
 
 
 def _load(base: Path, overlay: Path | None):
@@ -84,15 +100,10 @@ def meta_train(
     from flows.meta_train import meta_train_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
-    from metadqn.data.trajectories import SchemaError
-    from metadqn.preflight import check_store
     from metadqn.stages.meta_train import MetaTrainOutputs
 
     store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
-    try:
-        check_store(store, ("train", "val"), cfg.family.family().obs_dim)
-    except (MissingInputError, SchemaError) as exc:
-        raise _fail(str(exc)) from None
+    _preflight(store, ("train", "val"), cfg)
     out = MetaTrainOutputs(models=models, metrics=metrics, cross_eval=cross_eval, curves=curves)
     try:
         result = meta_train_flow(cfg, store, out)
@@ -121,15 +132,10 @@ def meta_test(
     from flows.meta_test import meta_test_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
-    from metadqn.data.trajectories import SchemaError
-    from metadqn.preflight import check_store
     from metadqn.stages.meta_test import MetaTestOutputs
 
     store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
-    try:
-        check_store(store, (), cfg.family.family().obs_dim)
-    except (MissingInputError, SchemaError) as exc:
-        raise _fail(str(exc)) from None
+    _preflight(store, (), cfg)
     if not (models / "hypernet").exists() and not (models / "siamese").exists():
         typer.echo(f"warning: no meta-models in {models}; only the baselines will be compared", err=True)
     out = MetaTestOutputs(curves_parquet=curves, curves_csv=curves_csv, scores=scores, metrics=metrics,

@@ -66,6 +66,15 @@ def headline_table(metrics: dict[str, Any], split: str) -> str:
     return "\n".join(rows)
 
 
+def _compare(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
+    """0: a's 95% CI lies above b's, 1: below, 2: they overlap (not significant)."""
+    if a[f"{key}_ci_low"] > b[f"{key}_ci_high"]:
+        return 0
+    if a[f"{key}_ci_high"] < b[f"{key}_ci_low"]:
+        return 1
+    return 2
+
+
 def verdict(metrics: dict[str, Any]) -> list[str]:
     """Plain-language statements; a difference counts as significant when the 95% CIs do not overlap."""
     lines = []
@@ -78,18 +87,10 @@ def verdict(metrics: dict[str, Any]) -> list[str]:
         for method, m in ms.items():
             if method == "scratch":
                 continue
-            if m["zero_shot_ci_low"] > s["zero_shot_ci_high"]:
-                zs = "significantly better than scratch"
-            elif m["zero_shot_ci_high"] < s["zero_shot_ci_low"]:
-                zs = "significantly worse than scratch"
-            else:
-                zs = "not significantly different from scratch"
-            if m["auc_ci_low"] > s["auc_ci_high"]:
-                auc = "learns significantly faster (AUC)"
-            elif m["auc_ci_high"] < s["auc_ci_low"]:
-                auc = "learns significantly slower (AUC)"
-            else:
-                auc = "is not significantly different in AUC"
+            zs = ("significantly better than scratch", "significantly worse than scratch",
+                  "not significantly different from scratch")[_compare(m, s, "zero_shot")]
+            auc = ("learns significantly faster (AUC)", "learns significantly slower (AUC)",
+                   "is not significantly different in AUC")[_compare(m, s, "auc")]
             ratio = m["steps_ratio_vs_scratch"]
             ratio_txt = ""
             if ratio:
@@ -99,8 +100,7 @@ def verdict(metrics: dict[str, Any]) -> list[str]:
         for a, b in (("hypernet", "multitask"), ("hypernet", "siamese")):
             if a in ms and b in ms:
                 ma, mb = ms[a], ms[b]
-                sig = (ma["zero_shot_ci_low"] > mb["zero_shot_ci_high"]
-                       or ma["zero_shot_ci_high"] < mb["zero_shot_ci_low"])
+                sig = _compare(ma, mb, "zero_shot") != 2
                 lines.append(f"On {name} tasks, {a} vs {b} zero-shot: {_fmt(ma['zero_shot_iqm'])} vs "
                              f"{_fmt(mb['zero_shot_iqm'])}, {'a' if sig else 'not a'} significant difference.")
     lines.append("Steps to threshold of runs that never reached 90% are counted at the budget (censored), so "
