@@ -4,15 +4,22 @@ DVC decides what is stale (``dvc repro <stage>`` is a no-op for an up-to-date st
 sequences and records, and never caches. Stages run one at a time because DVC holds a repository lock.
 Registering, promoting and posting the report stay out of the reproducible DAG: they touch the MLflow
 registry and Prefect, not files that DVC tracks.
+
+A *scheduled* run (``metadqn serve``'s deployment, or ``metadqn pipeline --scheduled``) first grows the
+training task pool by ``schedule.grow_tasks`` tasks seeded by the run's scheduled time (a retried run
+does not grow twice), and afterwards records the version it made (``schedule.record``): ``dvc push`` and a
+git commit of dvc.lock, the pool's .dvc file and the git-tracked reports on ``schedule.branch``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -22,10 +29,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from metadqn import paths
-from metadqn.config import load_params
+from metadqn.config import Params, load_params
 
 STAGES = ("collect", "meta_train", "meta_test", "report")
 LOCK = Path(".metadqn-pipeline.lock")
+RECORDED = (Path("dvc.lock"), paths.TASK_POOL.with_name(paths.TASK_POOL.name + ".dvc"), Path("reports"))
+"""What a recorded run commits (the outputs themselves go to the DVC remote)."""
 
 
 class PipelineBusy(RuntimeError):
@@ -50,10 +59,23 @@ def pipeline_lock(path: Path = LOCK) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _api_url() -> str | None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/") or None
+
+
 @task(name="dvc-repro", cache_policy=NO_CACHE, task_run_name="dvc-repro-{stage}")
 def dvc_repro(stage: str) -> None:
     dvc = Path(sys.executable).with_name("dvc")
-    subprocess.run([str(dvc) if dvc.exists() else "dvc", "repro", stage], check=True)
+    # the stage's own flow reports to this run's Prefect API (a server, or this process's temporary one)
+    # instead of starting another temporary server per stage
+    env = dict(os.environ)
+    url = _api_url()
+    if url:
+        env["PREFECT_API_URL"] = url
+    subprocess.run([str(dvc) if dvc.exists() else "dvc", "repro", stage], check=True, env=env)
 
 
 def _data_hash() -> str:
@@ -64,9 +86,39 @@ def _data_hash() -> str:
     return "unknown"
 
 
+@task(name="prepare-task-pool", cache_policy=NO_CACHE)
+def prepare_pool(params: Params, grow: int, when: datetime) -> list[str]:
+    """Makes sure the pool exists (recreating it from params in a fresh clone), then grows it."""
+    from metadqn.data.pool import ensure_pool
+    from metadqn.stages.collect import grow_pool
+    from metadqn.versioning import dvc_add
+
+    done = ensure_pool(paths.TASK_POOL, params.family.family(), params.collect.n_train_tasks,
+                       params.collect.task_seed)
+    if done != "present":
+        dvc_add(paths.TASK_POOL)
+    added = grow_pool(params, grow, when) if grow > 0 else None
+    new = [] if added is None else list(added["task_id"])
+    print(f"task pool: {done}; {'added ' + ', '.join(new) if new else 'nothing added'}")
+    return new
+
+
+@task(name="record-run", cache_policy=NO_CACHE)
+def record_run(params: Params, when: datetime, new_tasks: list[str], lines: list[str]) -> str | None:
+    from metadqn.data.pool import batch_name
+    from metadqn.versioning import record
+
+    summary = "; ".join(line for line in lines if "PROMOTED" in line or "promoted" in line) or "no promotion"
+    message = (f"metadqn scheduled run {batch_name(when)}: +{len(new_tasks)} training task(s)"
+               f"{' (' + ', '.join(new_tasks) + ')' if new_tasks else ''}\n\n{summary}\n")
+    commit = record(RECORDED, message, params.schedule.push)
+    print(f"recorded: {'commit ' + commit if commit else 'nothing changed, no commit'}")
+    return commit
+
+
 @task(name="register-and-promote", cache_policy=NO_CACHE)
 def register_and_promote() -> list[str]:
-    from metadqn.tracking.registry import promote, register_meta_models
+    from metadqn.tracking.registry import promote, register_meta_models, register_qnets
     from metadqn.tracking.runs import configure_tracking, git_commit
 
     params = load_params()
@@ -75,6 +127,11 @@ def register_and_promote() -> list[str]:
                   "prefect_flow_run_id": str(flow_run.get_id() or "")}
     registered = register_meta_models(params, provenance)
     lines = [f"{r.name}: {'version ' + r.version + ' (challenger)' if r.version else 'unchanged'}" for r in registered]
+    qnets = register_qnets(params, provenance)
+    if qnets:
+        fresh = [r.version for r in qnets if r.version]
+        lines.append(f"{qnets[0].name}: {len(fresh)} new version(s) of {len(qnets)} test task(s)"
+                     f"{' (v' + fresh[0] + '..v' + fresh[-1] + ')' if fresh else ''}")
     for d in promote(params):
         lines.append(f"{d.name}: {'promoted v' + str(d.challenger) if d.promoted else 'champion kept'} ({d.reason})")
     for line in lines:
@@ -82,13 +139,38 @@ def register_and_promote() -> list[str]:
     return lines
 
 
+def run_time(at: str | None = None) -> datetime:
+    """The run's time: ``at`` if given, else the flow run's scheduled start, else now (UTC)."""
+    if at is not None:
+        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    else:
+        scheduled = flow_run.get_scheduled_start_time()
+        when = datetime.fromisoformat(scheduled.isoformat()) if scheduled is not None else datetime.now(UTC)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).replace(microsecond=0)
+
+
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(stages: tuple[str, ...] = STAGES, register: bool = True) -> None:
+def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool | None = None,
+                  at: str | None = None, stages: tuple[str, ...] = STAGES, register: bool = True) -> dict:
+    """One pipeline run. ``scheduled`` turns on the schedule's growth and recording (``grow`` and ``record``
+    override them); ``at`` is the run's time (default: the scheduled start)."""
+    params = load_params()
+    grow = (params.schedule.grow_tasks if scheduled else 0) if grow is None else grow
+    record = (params.schedule.record if scheduled else False) if record is None else record
+    when = run_time(at)
+    commit, lines = None, []
     with pipeline_lock():
+        if record:
+            from metadqn.versioning import check_branch
+
+            check_branch(params.schedule.branch)
+        new_tasks = prepare_pool(params, grow, when)
         for stage in stages:
             dvc_repro(stage)
         if register:
-            register_and_promote()
+            lines = register_and_promote()
+        if record:
+            commit = record_run(params, when, new_tasks, lines)
     if Path("reports/report.md").exists():
         text = Path("reports/report.md").read_text()
         start = text.find("## Headline results")
@@ -96,6 +178,7 @@ def pipeline_flow(stages: tuple[str, ...] = STAGES, register: bool = True) -> No
         create_markdown_artifact(markdown=text[start:end] if start >= 0 else text, key="metadqn-pipeline-summary",
                                  description="meta-test summary of the latest pipeline run")
     print("pipeline up to date; report: reports/report.html (metrics: reports/metrics.json)")
+    return {"new_tasks": new_tasks, "registry": lines, "commit": commit}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def tiny_params():
 def tiny_run(tmp_path_factory):
     """collect + meta_train on the tiny params, in process, tracking off (shared by several test files)."""
     from metadqn.config import load_params
+    from metadqn.data.pool import ensure_pool
     from metadqn.data.store import TRAINING_SPLITS, TaskStore
     from metadqn.stages.collect import CollectOutputs, run_collect
     from metadqn.stages.meta_train import MetaTrainOutputs, run_meta_train
@@ -33,8 +34,9 @@ def tiny_run(tmp_path_factory):
     params = load_params(ROOT / "params.yaml", TINY)
     params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     root = tmp_path_factory.mktemp("tiny")
-    col = CollectOutputs(tasks=root / "tasks.parquet", trajectories=root / "traj", experts=root / "experts",
-                         metrics=root / "collect.json", curves=root / "curves.csv")
+    col = CollectOutputs(pool=root / "pool.csv", tasks=root / "tasks.parquet", trajectories=root / "traj",
+                         experts=root / "experts", metrics=root / "collect.json", curves=root / "curves.csv")
+    ensure_pool(col.pool, params.family.family(), params.collect.n_train_tasks, params.collect.task_seed)
     run_collect(params, col)
     # meta-training must not need the test tasks at all: delete their data first
     tasks = pd.read_parquet(col.tasks)

@@ -95,7 +95,7 @@ def test_tiny_meta_train_completes_and_beats_a_random_network(tiny_run):
     assert set(metrics) >= {"hypernet", "hypernet-oracle", "siamese", "reptile", "multitask"}
     assert json.loads(out.metrics.read_text())["hypernet"] == metrics["hypernet"]
     for name in ("hypernet", "siamese", "reptile", "multitask"):
-        assert set(metrics[name]) >= {"val_zero_shot_normalized", "wall_s"}
+        assert "val_zero_shot_normalized" in metrics[name] and "wall_s" not in metrics[name]
         assert (out.models / name / "model.pt").exists()
     assert 0.0 <= metrics["siamese"]["top1_retrieval"] <= 1.0
 

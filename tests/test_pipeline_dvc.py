@@ -45,7 +45,11 @@ def make_project(dest: Path) -> Path:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+    (dest / "data" / "task_pool.csv.dvc").unlink(missing_ok=True)  # the tiny params make their own pool
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    env = _env()
+    env["PREFECT_HOME"] = str(dest / ".prefect")
+    subprocess.run([str(BIN / "metadqn"), "init-pool"], cwd=dest, env=env, check=True, capture_output=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
                    check=True)

@@ -63,22 +63,91 @@ def _load(base: Path, overlay: Path | None):
 def collect(
     params: ParamsOpt = None,
     base_params: BaseOpt = Path("params.yaml"),
+    pool: Annotated[Path, typer.Option(help="Input: the training task pool.")] = paths.TASK_POOL,
     tasks: Annotated[Path, typer.Option(help="Output: the task sets.")] = paths.TASKS,
     trajectories: Annotated[Path, typer.Option(help="Output: one Parquet file per task.")] = paths.TRAJECTORIES,
     experts: Annotated[Path, typer.Option(help="Output: one expert state_dict per task.")] = paths.EXPERTS,
     metrics: Annotated[Path, typer.Option(help="Output: metrics JSON.")] = paths.COLLECT_METRICS,
     curves: Annotated[Path, typer.Option(help="Output: expert learning curves (CSV).")] = paths.COLLECT_CURVES,
 ) -> None:
-    """Sample task sets, train one expert per task, write trajectories, experts and metrics."""
+    """Train an expert for every pool and held-out task that lacks one; write trajectories, experts, metrics."""
     _setup_logging()
     cfg = _load(base_params, params)
     from flows.collect import collect_flow
 
-    from metadqn.stages.collect import CollectOutputs
+    from metadqn.data.pool import PoolError
+    from metadqn.stages.collect import CollectOutputs, load_pool
 
-    out = CollectOutputs(tasks=tasks, trajectories=trajectories, experts=experts, metrics=metrics, curves=curves)
+    try:  # before Prefect starts: a missing or inconsistent pool is one line
+        load_pool(cfg, pool)
+    except PoolError as exc:
+        raise _fail(str(exc)) from None
+    out = CollectOutputs(pool=pool, tasks=tasks, trajectories=trajectories, experts=experts, metrics=metrics,
+                         curves=curves)
     result = collect_flow(cfg, out)
-    typer.echo(f"collect: {100 * result['fraction_solved']:.0f}% of tasks solved; metrics in {metrics}")
+    typer.echo(f"collect: trained {result['trained_tasks']} task(s); {100 * result['fraction_solved']:.0f}% of "
+               f"tasks solved; metrics in {metrics}")
+
+
+@app.command("init-pool")
+def init_pool(
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    pool: Annotated[Path, typer.Option(help="The training task pool.")] = paths.TASK_POOL,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild it from params, dropping grown tasks.")] = False,
+) -> None:
+    """Create the training task pool from params (collect.n_train_tasks, task_seed) if it is missing."""
+    cfg = _load(base_params, params)
+    from metadqn.data.pool import PoolError, ensure_pool
+    from metadqn.versioning import VersioningError, dvc_add
+
+    try:
+        done = ensure_pool(pool, cfg.family.family(), cfg.collect.n_train_tasks, cfg.collect.task_seed, force)
+        if done != "present":
+            dvc_add(pool)
+    except (PoolError, VersioningError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"task pool {pool}: {done}")
+
+
+@app.command("grow-tasks")
+def grow_tasks(
+    n: Annotated[int, typer.Option("--n", min=1, help="How many training tasks to add.")],
+    at: Annotated[str | None, typer.Option(
+        "--at", help="The run's (scheduled) time, ISO 8601; it names the batch and seeds the draw (default: now).",
+    )] = None,
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    pool: Annotated[Path, typer.Option(help="The training task pool.")] = paths.TASK_POOL,
+) -> None:
+    """Append N training tasks to the pool (drawn from the training ranges; held-out tasks never change)."""
+    cfg = _load(base_params, params)
+    from metadqn.data.pool import PoolError
+    from metadqn.stages.collect import grow_pool
+    from metadqn.versioning import VersioningError
+
+    try:
+        when = _parse_time(at)
+        added = grow_pool(cfg, n, when, pool)
+    except (PoolError, VersioningError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if added.empty:
+        typer.echo(f"task pool {pool}: already holds the batch of {when.isoformat()}; unchanged")
+    else:
+        typer.echo(f"task pool {pool}: added {', '.join(added['task_id'])} (batch {added['batch'].iloc[0]}, "
+                   f"seed {added['seed'].iloc[0]})")
+
+
+def _parse_time(text: str | None):
+    from datetime import UTC, datetime
+
+    if text is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--at {text!r} is not an ISO 8601 time (e.g. 2026-11-27T03:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @app.command("meta-train")
@@ -197,18 +266,89 @@ def check_params(params: ParamsOpt = None, base_params: BaseOpt = Path("params.y
     typer.echo(f"params OK (digest {cfg.digest()})")
 
 
-@app.command()
-def pipeline() -> None:
-    """Bring the whole DVC pipeline up to date through the Prefect pipeline flow."""
-    _setup_logging()
-    from flows.pipeline import PipelineBusy, pipeline_flow, pipeline_lock
+def _pipeline_checks(cfg: Params, record: bool, at: str | None) -> None:
+    """Everything a pipeline run could trip over through a user's doing, checked before Prefect starts."""
+    from flows.pipeline import PipelineBusy, pipeline_lock
 
-    try:  # refuse before Prefect starts, with one line; the flow takes the lock itself too
+    from metadqn.data.pool import PoolError, ensure_pool
+    from metadqn.stages.collect import load_pool
+    from metadqn.versioning import VersioningError, check_branch, dvc_add
+
+    try:
         with pipeline_lock():
             pass
-    except PipelineBusy as exc:
+        if at is not None:
+            _parse_time(at)
+        if record:
+            check_branch(cfg.schedule.branch)
+        # a fresh clone recreates the pool from params where it can (else: `dvc pull` it)
+        if ensure_pool(paths.TASK_POOL, cfg.family.family(), cfg.collect.n_train_tasks,
+                       cfg.collect.task_seed) != "present":
+            dvc_add(paths.TASK_POOL)
+        load_pool(cfg, paths.TASK_POOL)
+    except (PipelineBusy, PoolError, VersioningError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    pipeline_flow()
+
+
+@app.command()
+def pipeline(
+    scheduled: Annotated[bool, typer.Option(
+        "--scheduled", help="Run as a scheduled run: grow the pool by schedule.grow_tasks and record the run.",
+    )] = False,
+    grow: Annotated[int | None, typer.Option("--grow", min=0, help="Tasks to add to the pool first.")] = None,
+    record: Annotated[bool | None, typer.Option(
+        "--record/--no-record", help="dvc push + git commit of the run (default: schedule.record if scheduled).",
+    )] = None,
+    at: Annotated[str | None, typer.Option("--at", help="The run's time, ISO 8601 (seeds the pool's growth).")] = None,
+) -> None:
+    """Bring the whole DVC pipeline up to date through the Prefect pipeline flow, register and promote."""
+    _setup_logging()
+    cfg = _load(Path("params.yaml"), None)
+    n_grow = (cfg.schedule.grow_tasks if scheduled else 0) if grow is None else grow
+    do_record = (cfg.schedule.record if scheduled else False) if record is None else record
+    _pipeline_checks(cfg, do_record, at)
+    from flows.pipeline import pipeline_flow
+
+    pipeline_flow(scheduled=scheduled, grow=n_grow, record=do_record, at=at)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option("--cron", help="Cron schedule (default: schedule.cron).")] = None,
+    timezone: Annotated[str | None, typer.Option(
+        help="Time zone of the schedule (default: schedule.timezone).")] = None,
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+) -> None:
+    """Serve the pipeline as a Prefect deployment that runs on a cron schedule (Ctrl-C or SIGTERM stops it).
+
+    Each scheduled run grows the task pool, brings the pipeline up to date, registers and promotes, and
+    records the run (see the schedule section of params.yaml). Runs never overlap.
+    """
+    _setup_logging()
+    cfg = _load(base_params, params)
+    from prefect.schedules import Cron
+
+    cron = cron or cfg.schedule.cron
+    try:
+        schedule = Cron(cron, timezone=timezone or cfg.schedule.timezone)
+    except ValueError as exc:
+        raise _fail(f"--cron {cron!r}: {str(exc).splitlines()[-1]}") from None
+    if cfg.schedule.record:
+        from metadqn.versioning import VersioningError, check_branch
+
+        try:
+            check_branch(cfg.schedule.branch)
+        except VersioningError as exc:
+            raise _fail(str(exc)) from None
+    from flows.pipeline import pipeline_flow
+    from prefect.deployments.runner import EntrypointType
+
+    pipeline_flow.serve(
+        name=cfg.schedule.deployment, schedule=schedule, parameters={"scheduled": True}, global_limit=1, limit=1,
+        description="metadqn scheduled run: grow the task pool, dvc repro, register, promote, record",
+        tags=["metadqn", cfg.family.name], entrypoint_type=EntrypointType.MODULE_PATH,
+    )
 
 
 def main() -> None:

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 DEFAULT_PARAMS = Path("params.yaml")
 PARAMS_ENV = "METADQN_PARAMS"
+DASK_ADDRESS_ENV = "METADQN_DASK_ADDRESS"
+OPERATIONAL = ("runner", "schedule")
+"""Sections that say where and when the pipeline runs, never what it computes."""
 
 
 class ParamsError(ValueError):
@@ -340,6 +343,45 @@ class RegistryConfig(_Section):
     """Whose adapted Q-networks (seed 0, one per test task) are registered as metadqn-<family>-qnet."""
 
 
+class RunnerConfig(_Section):
+    """Where the fan-out of the collect and meta_test stages runs (never changes a result)."""
+
+    kind: Literal["local", "dask"] = "local"
+    """local: Prefect's thread pool in the stage process; dask: Prefect's DaskTaskRunner on a Dask cluster."""
+    address: str | None = None
+    """Scheduler address of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 ($METADQN_DASK_ADDRESS
+    overrides it). Required when kind is dask."""
+
+    @model_validator(mode="after")
+    def _address_for_dask(self) -> RunnerConfig:
+        if self.kind == "dask" and not (self.address or os.environ.get(DASK_ADDRESS_ENV)):
+            raise ValueError(f"runner.address is required when runner.kind is dask (or set ${DASK_ADDRESS_ENV})")
+        return self
+
+    def dask_address(self) -> str | None:
+        return os.environ.get(DASK_ADDRESS_ENV) or self.address
+
+
+class ScheduleConfig(_Section):
+    """Scheduled pipeline runs (``metadqn serve``): grow the task pool, run, register, promote, record."""
+
+    cron: str = "0 3 * * *"
+    """Default cron schedule of ``metadqn serve`` (``--cron`` overrides it)."""
+    timezone: str = "UTC"
+    """Time zone the cron expression is read in."""
+    grow_tasks: int = Field(2, ge=0)
+    """New training tasks appended to the task pool by each scheduled run (0: run on the pool as it is)."""
+    record: bool = True
+    """After a scheduled run: ``dvc push`` and a git commit of dvc.lock, the pool's .dvc file and the
+    git-tracked reports (manual ``metadqn pipeline`` runs record only with ``--record``)."""
+    branch: str = "metadqn-scheduled"
+    """The branch scheduled runs commit to; the serving checkout must be on it (a dedicated clone)."""
+    push: bool = True
+    """Push data and models to the default DVC remote before committing (so every commit can be pulled)."""
+    deployment: str = "metadqn-scheduled"
+    """Name of the Prefect deployment that ``metadqn serve`` creates."""
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     """Log runs to MLflow (URI from MLFLOW_TRACKING_URI, default sqlite:///mlflow.db, artifacts in mlruns/)."""
@@ -358,6 +400,8 @@ class Params(BaseModel):
     report: ReportConfig = Field(default_factory=ReportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
     def _budget_covers_context(self) -> Params:
@@ -367,8 +411,9 @@ class Params(BaseModel):
         return self
 
     def digest(self) -> str:
-        """A short, stable hash of every value (recorded with each run and model version)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A short, stable hash of every value that can change a result (recorded with each run and model
+        version); where and when the pipeline runs (runner, schedule) is left out."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(OPERATIONAL)), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def flat(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+TASK_POOL = Path("data/task_pool.csv")
 TASKS = Path("data/tasks.parquet")
 TRAJECTORIES = Path("data/trajectories")
 EXPERTS = Path("models/experts")

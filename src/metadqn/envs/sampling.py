@@ -23,7 +23,7 @@ def _sample_union(rng: np.random.Generator, intervals: tuple[Interval, ...], n: 
     return lo + rng.random(n) * widths[which]
 
 
-def _sample_param(rng: np.random.Generator, spec: ParamSpec, split: str, n: int) -> np.ndarray:
+def sample_param(rng: np.random.Generator, spec: ParamSpec, split: str, n: int) -> np.ndarray:
     if spec.discrete is not None:
         return rng.choice(np.asarray(spec.discrete, dtype=np.float64), size=n)
     return _sample_union(rng, spec.extrap if split == "extrap" else spec.train, n)
@@ -42,7 +42,7 @@ def sample_tasks(family: Family, counts: Mapping[str, int], seed: int) -> pd.Dat
         if n == 0:
             continue
         rng = np.random.default_rng(child)
-        values = {spec.name: _sample_param(rng, spec, split, n) for spec in family.params}
+        values = {spec.name: sample_param(rng, spec, split, n) for spec in family.params}
         for i in range(n):
             rows.append({"task_id": f"{split}-{i:03d}", "split": split, "family": family.name,
                          **{k: float(v[i]) for k, v in values.items()}})

@@ -1,25 +1,37 @@
-"""The collect stage: sample the task sets, train one expert per task, write the trajectory dataset.
+"""The collect stage: assemble the task sets, train one expert per task, write the trajectory dataset.
 
-For every task of every split (the test tasks' experts are the oracle that later normalises returns):
+The training tasks come from the task pool (``data/task_pool.csv``, see :mod:`metadqn.data.pool`); the
+held-out tasks (val, interp, extrap) are drawn from params and never change when the pool grows. For every
+task of every split (the test tasks' experts are the oracle that later normalises returns):
 train a DQN expert with the batched trainer, keep its best checkpoint by periodic greedy evaluation,
 re-evaluate that checkpoint on fresh start states (the figure reported, free of selection bias), then
 record the task's transitions from three sources: ``exploration`` (uniform-random policy; later the
 task's context), ``expert`` (the expert's epsilon-greedy rollouts) and ``replay`` (the end of its DQN
 replay buffer).
 
-Tasks are trained in groups of ``collect.group_size`` (one batched trainer each). The seed of a group
-derives from ``collect.seed`` and its task ids only, so a group's result is the same whichever runner
-(in-process, Prefect threads, a Dask worker) trains it.
+Tasks are trained in groups (one batched trainer each): the held-out tasks, then each batch of the pool,
+each cut into chunks of ``collect.group_size``. The seed of a group derives from ``collect.seed`` and its
+task ids only, so a group's result is the same whichever runner (in-process, Prefect threads, a Dask
+worker) trains it, and whether it is trained today or recomputed from scratch in a fresh clone.
+
+Collect is incremental: every task's outputs are keyed by its task_id (``<task_id>.pt``, ``.parquet`` and
+a ``<task_id>.json`` card beside the expert), and the card records the *fingerprint* of the group that
+made it: the group's tasks, the family, collect and dqn params, and the source of the code collect runs.
+A group whose every card matches is reused as it is; any other group is trained. So a grown pool costs
+only its new batch, while a change of params or code retrains everything, as DVC would. The metrics and
+curves are rebuilt from the cards of the current tasks, so they are the same as a from-scratch run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +41,14 @@ import torch
 
 from metadqn import paths
 from metadqn.config import CollectConfig, DQNConfig, Params
+from metadqn.data import pool as task_pool
 from metadqn.data import trajectories as traj
 from metadqn.data.io import atomic_path, dvc_md5, save_state_dict, write_json
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict
 from metadqn.dqn.rollout import GreedyEvaluator, collect_transitions
 from metadqn.dqn.trainer import train_dqn
 from metadqn.envs.families import Family
-from metadqn.envs.sampling import sample_tasks, task_matrix
+from metadqn.envs.sampling import check_disjoint, sample_tasks, task_matrix
 from metadqn.progress import Progress
 
 log = logging.getLogger("metadqn.collect")
@@ -43,6 +56,9 @@ log = logging.getLogger("metadqn.collect")
 
 @dataclass(frozen=True)
 class CollectOutputs:
+    """The stage's files: the pool it reads and everything it writes."""
+
+    pool: Path = paths.TASK_POOL
     tasks: Path = paths.TASKS
     trajectories: Path = paths.TRAJECTORIES
     experts: Path = paths.EXPERTS
@@ -76,7 +92,13 @@ def group_seed(seed: int, task_ids: Sequence[str]) -> int:
 
 
 def plan_groups(tasks: pd.DataFrame, group_size: int) -> list[pd.DataFrame]:
-    return [tasks.iloc[i:i + group_size].reset_index(drop=True) for i in range(0, len(tasks), group_size)]
+    """Chunks of ``group_size`` tasks, never mixing batches (a ``batch`` column; absent: one batch)."""
+    keys = tasks["batch"] if "batch" in tasks else pd.Series("", index=tasks.index)
+    groups = []
+    for key in dict.fromkeys(keys):
+        part = tasks[keys == key]
+        groups += [part.iloc[i:i + group_size].reset_index(drop=True) for i in range(0, len(part), group_size)]
+    return groups
 
 
 def _batched_policy(family: Family, params: Sequence[StateDict], hidden: Sequence[int]) -> BatchedQNetwork:
@@ -159,85 +181,189 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
 
 GroupMapper = Callable[[Callable[[pd.DataFrame], GroupResult], list[pd.DataFrame]], list[GroupResult]]
 
+HELD_OUT = "held-out"
+"""Batch name of the held-out tasks in the group plan."""
+_CODE = ("config.py", "envs", "dqn", "data", "stages/collect.py")
+"""The source collect runs (relative to the package), as listed in dvc.yaml's collect deps."""
+
 
 def run_in_process(fn: Callable[[pd.DataFrame], GroupResult], groups: list[pd.DataFrame]) -> list[GroupResult]:
     return [fn(g) for g in groups]
 
 
-def _clear_stale(folder: Path, keep: set[str], suffix: str) -> None:
-    for p in folder.glob(f"*{suffix}"):
-        if p.name.removesuffix(suffix) not in keep:
-            p.unlink()
+def code_digest() -> str:
+    """Hash of the source files collect runs: a code change retrains every expert."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(f for rel in _CODE for f in ([root / rel] if rel.endswith(".py") else (root / rel).rglob("*.py")))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
-def write_outputs(family: Family, tasks: pd.DataFrame, results: Sequence[GroupResult], out: CollectOutputs,
-                  wall_s: float) -> dict[str, Any]:
-    """Writes experts, trajectories, curves and metrics (each file atomically); returns the metrics."""
-    ids = set(tasks["task_id"])
-    out.trajectories.mkdir(parents=True, exist_ok=True)
-    out.experts.mkdir(parents=True, exist_ok=True)
-    _clear_stale(out.trajectories, ids, ".parquet")
-    _clear_stale(out.experts, ids, ".pt")
-    split = dict(zip(tasks["task_id"], tasks["split"], strict=True))
+def group_fingerprint(params: Params, group: pd.DataFrame, code: str) -> str:
+    family = params.family.family()
+    counts = {"n_train_tasks", "n_val_tasks", "n_interp_tasks", "n_extrap_tasks", "task_seed", "group_size"}
+    blob = {
+        "tasks": group[["task_id", *family.param_names]].to_dict(orient="list"),
+        "family": params.family.model_dump(mode="json"),
+        "collect": params.collect.model_dump(mode="json", exclude=counts),
+        "dqn": params.dqn.model_dump(mode="json"),
+        "code": code,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _card_path(out: CollectOutputs, tid: str) -> Path:
+    return out.experts / f"{tid}.json"
+
+
+def _read_card(out: CollectOutputs, tid: str) -> dict[str, Any] | None:
+    path = _card_path(out, tid)
+    if not path.exists() or not (out.experts / f"{tid}.pt").exists() \
+            or not (out.trajectories / f"{tid}.parquet").exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _is_current(out: CollectOutputs, group: pd.DataFrame, fingerprint: str) -> bool:
+    cards = [_read_card(out, tid) for tid in group["task_id"]]
+    return all(c is not None and c.get("fingerprint") == fingerprint for c in cards)
+
+
+def _clear_stale(folder: Path, keep: set[str], suffixes: Sequence[str]) -> None:
+    for suffix in suffixes:
+        for p in folder.glob(f"*{suffix}"):
+            if p.name.removesuffix(suffix) not in keep:
+                p.unlink()
+
+
+def write_group(family: Family, result: GroupResult, out: CollectOutputs, fingerprint: str) -> None:
+    """Writes one group's experts, trajectories and cards, the card last (so a crash leaves no card that
+    vouches for a half-written task)."""
+    for slot, tid in enumerate(result.task_ids):
+        save_state_dict(out.experts / f"{tid}.pt", result.best_params[slot])
+        traj.write_task(out.trajectories / f"{tid}.parquet", result.frames[tid], family.obs_dim)
+        curve = result.curves[result.curves["task_id"] == tid]
+        card = {
+            "fingerprint": fingerprint, "group": result.task_ids,
+            "return": float(result.eval_return[slot]), "selection_return": float(result.selection_return[slot]),
+            "steps": int(result.trained_steps[slot]), "best_step": int(result.best_step[slot]),
+            "round": int(result.rounds[slot]),
+            "curve": {"step": curve["step"].astype(int).tolist(), "eval_return": curve["eval_return"].tolist()},
+        }
+        write_json(_card_path(out, tid), card)
+
+
+def write_summary(family: Family, tasks: pd.DataFrame, out: CollectOutputs) -> dict[str, Any]:
+    """Metrics and curves of every current task, from the cards (each file written atomically)."""
     per_task: dict[str, dict[str, Any]] = {}
-    for res in results:
-        for slot, tid in enumerate(res.task_ids):
-            save_state_dict(out.experts / f"{tid}.pt", res.best_params[slot])
-            traj.write_task(out.trajectories / f"{tid}.parquet", res.frames[tid], family.obs_dim)
-            per_task[tid] = {
-                "split": split[tid], "return": float(res.eval_return[slot]),
-                "selection_return": float(res.selection_return[slot]),
-                "steps": int(res.trained_steps[slot]), "best_step": int(res.best_step[slot]),
-                "round": int(res.rounds[slot]),
-            }
-    curves = pd.concat([r.curves for r in results], ignore_index=True)
-    curves = curves.merge(tasks[["task_id", "split"]], on="task_id")[["task_id", "split", "step", "eval_return"]]
+    curves = []
+    for tid, split in zip(tasks["task_id"], tasks["split"], strict=True):
+        card = _read_card(out, tid)
+        if card is None:
+            raise RuntimeError(f"collect: no expert card for {tid} after training")
+        per_task[tid] = {"split": split, **{k: card[k] for k in ("return", "selection_return", "steps",
+                                                                  "best_step", "round")}}
+        curves.append(pd.DataFrame({"task_id": tid, "split": split, **card["curve"]}))
+    frame = pd.concat(curves, ignore_index=True)[["task_id", "split", "step", "eval_return"]]
     with atomic_path(out.curves) as tmp:
-        curves.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False)
     returns = np.array([v["return"] for v in per_task.values()])
     metrics = {
         "fraction_solved": float(np.mean(returns >= family.solved_return)),
         "solved_return": family.solved_return,
         "tasks": dict(sorted(per_task.items())),
-        "wall_s": round(wall_s, 2),
     }
     write_json(out.metrics, metrics)
     return metrics
 
 
-def sample_task_sets(params: Params) -> pd.DataFrame:
-    return sample_tasks(params.family.family(), params.collect.counts(), params.collect.task_seed)
+def held_out_tasks(params: Params) -> pd.DataFrame:
+    """The val, interp and extrap tasks: drawn from params, independent of the pool."""
+    counts = {**params.collect.counts(), "train": 0}
+    return sample_tasks(params.family.family(), counts, params.collect.task_seed)
+
+
+def load_pool(params: Params, path: Path = paths.TASK_POOL) -> pd.DataFrame:
+    """The pool, checked against params (raises :class:`metadqn.data.pool.PoolError`)."""
+    family = params.family.family()
+    pool = task_pool.read_pool(path, family)
+    task_pool.check_initial(pool, family, params.collect.n_train_tasks, params.collect.task_seed, path)
+    return pool
+
+
+def grow_pool(params: Params, n: int, when: datetime, path: Path = paths.TASK_POOL) -> pd.DataFrame:
+    """Appends ``n`` tasks to the pool file (and ``dvc add``s it); returns the added rows (none if the
+    batch of ``when`` is already there)."""
+    from metadqn.versioning import dvc_add
+
+    family = params.family.family()
+    pool = load_pool(params, path)
+    grown = task_pool.grow(pool, family, n, when, held_out_tasks(params))
+    if len(grown) > len(pool):
+        task_pool.write_pool(path, grown)
+        dvc_add(path)
+    return grown.iloc[len(pool):]
+
+
+def task_sets(params: Params, pool: pd.DataFrame) -> pd.DataFrame:
+    """Every task of the run (pool first, then held-out), with its ``batch`` for the group plan."""
+    held_out = held_out_tasks(params).assign(batch=HELD_OUT)
+    frame = pd.concat([pool.drop(columns=["seed"]), held_out], ignore_index=True)
+    check_disjoint(frame, params.family.family())
+    return frame
 
 
 def run_collect(params: Params, out: CollectOutputs = CollectOutputs(),
                 map_groups: GroupMapper = run_in_process, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """The whole stage. ``map_groups`` runs ``train_group`` over the groups (in process, Prefect, Dask)."""
+    """The whole stage. ``map_groups`` runs ``train_group`` over the groups that need training (in
+    process, on Prefect's task runner, on Dask)."""
     from metadqn.tracking.runs import log_dataset, log_step_metrics, stage_run
 
     start = time.perf_counter()
     family = params.family.family()
-    tasks = sample_task_sets(params)
+    tasks = task_sets(params, load_pool(params, out.pool))
+    columns = ["task_id", "split", "family", *family.param_names]
     with atomic_path(out.tasks) as tmp:
-        tasks.to_parquet(tmp, index=False)
+        tasks[columns].to_parquet(tmp, index=False)
+    out.trajectories.mkdir(parents=True, exist_ok=True)
+    out.experts.mkdir(parents=True, exist_ok=True)
+    ids = set(tasks["task_id"])
+    _clear_stale(out.trajectories, ids, (".parquet",))
+    _clear_stale(out.experts, ids, (".pt", ".json"))
+
+    code = code_digest()
     groups = plan_groups(tasks, params.collect.group_size)
-    log.info("collect: %d tasks of %s in %d group(s)", len(tasks), family.name, len(groups))
+    prints = [group_fingerprint(params, g, code) for g in groups]
+    todo = [(g, fp) for g, fp in zip(groups, prints, strict=True) if not _is_current(out, g, fp)]
+    n_new = sum(len(g) for g, _ in todo)
+    log.info("collect: %d tasks of %s in %d group(s); training %d task(s) in %d group(s), reusing %d",
+             len(tasks), family.name, len(groups), n_new, len(todo), len(tasks) - n_new)
 
     def fn(group: pd.DataFrame) -> GroupResult:
         return train_group(family, group, params.dqn, params.collect)
 
-    results = map_groups(fn, groups)
-    metrics = write_outputs(family, tasks, results, out, time.perf_counter() - start)
-    log.info("collect: %.0f%% of tasks solved (greedy return >= %g) in %.0f s",
-             100 * metrics["fraction_solved"], family.solved_return, metrics["wall_s"])
+    results = map_groups(fn, [g for g, _ in todo]) if todo else []
+    for (_, fp), result in zip(todo, results, strict=True):
+        write_group(family, result, out, fp)
+    metrics = write_summary(family, tasks, out)
+    wall_s = time.perf_counter() - start
+    log.info("collect: trained %d task(s), reused %d; %.0f%% of tasks solved (greedy return >= %g); %.0f s",
+             n_new, len(tasks) - n_new, 100 * metrics["fraction_solved"], family.solved_return, wall_s)
 
     with stage_run("collect", family.name, params.flat(), params.digest(), params.tracking.enabled, tags) as run:
         if run is not None:
             import mlflow
 
-            mlflow.log_metrics({"fraction_solved": metrics["fraction_solved"], "wall_s": metrics["wall_s"]})
-            curves = pd.concat([r.curves for r in results], ignore_index=True)
+            mlflow.log_metrics({"fraction_solved": metrics["fraction_solved"], "wall_s": wall_s,
+                                "trained_tasks": n_new, "reused_tasks": len(tasks) - n_new})
+            curves = pd.read_csv(out.curves)
             log_step_metrics(run, curves, "task_id", "step", "eval_return", "expert_curve/")
             frame = traj.read_tasks(out.trajectories, list(tasks["task_id"]), family.obs_dim)
             log_dataset(run, frame, "trajectories", str(out.trajectories), dvc_md5(out.trajectories), "collect")
             mlflow.log_artifact(str(out.metrics))
-    return metrics
+    return {**metrics, "trained_tasks": n_new}

@@ -1,4 +1,5 @@
-"""MLflow pyfunc wrappers: a meta-model acts on a new task from a table of its transitions.
+"""MLflow pyfunc wrappers: a meta-model acts on a new task from a table of its transitions; an adapted
+Q-network acts on observations.
 
 Input: one DataFrame. Rows with ``role == "context"`` are the task's context transitions (obs_*, action,
 reward, next_obs_*, terminated); rows with ``role == "obs"`` are the observations to act on (obs_*);
@@ -6,6 +7,9 @@ reward, next_obs_*, terminated); rows with ``role == "obs"`` are the observation
 row per observation, ``action`` (greedy) and ``q_0..q_{A-1}``. Inside ``predict`` the meta-model generates
 (or retrieves) the task's Q-network from the context. The model ships the ``metadqn`` package as code
 and loads its weights with ``weights_only=True``.
+
+An adapted Q-network (``metadqn-<family>-qnet``) takes the ``obs_*`` columns only and returns the same
+``action`` and ``q_*`` columns.
 """
 
 from __future__ import annotations
@@ -132,4 +136,72 @@ def log_meta_model(folder: Path, family: str) -> Any:
             name=model.config.learner, python_model=_pyfunc_class()(), artifacts={"meta_model": str(folder)},
             signature=signature, input_example=example, pip_requirements=_requirements(),
             code_paths=[str(Path(metadqn.__file__).parent)],
+        )
+
+
+def _qnet_class():
+    import mlflow
+
+    class _QNet(mlflow.pyfunc.PythonModel):
+        def load_context(self, context: Any) -> None:
+            import json
+
+            from metadqn.data.io import load_state_dict
+            from metadqn.dqn.qnetwork import QNetwork
+
+            spec = json.loads(Path(context.artifacts["spec"]).read_text())
+            self.net = QNetwork(spec["obs_dim"], spec["n_actions"], spec["hidden"])
+            self.net.load_state_dict(load_state_dict(context.artifacts["weights"]))
+            self.net.eval()
+
+        def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+            return q_actions(self.net, model_input)
+
+    return _QNet
+
+
+def q_actions(net, frame: pd.DataFrame) -> pd.DataFrame:
+    """Greedy actions and Q-values of ``net`` for the ``obs_*`` columns of ``frame``."""
+    import torch
+
+    cols = [f"obs_{i}" for i in range(net.obs_dim)]
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise ValueError(f"input needs columns {', '.join(cols)} (missing {', '.join(missing)})")
+    with torch.no_grad():
+        q = net(torch.as_tensor(frame[cols].to_numpy(np.float32))).numpy()
+    out = pd.DataFrame({"action": q.argmax(1).astype(np.int64)})
+    for a in range(q.shape[1]):
+        out[f"q_{a}"] = q[:, a].astype(np.float64)
+    return out
+
+
+def log_qnetwork(weights: Path, family_name: str, hidden: list[int], name: str) -> Any:
+    """Logs one adapted Q-network (a state_dict file) as an MLflow pyfunc with signature and example."""
+    import json
+    import tempfile
+    import warnings
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import metadqn
+    from metadqn.data.io import load_state_dict
+    from metadqn.dqn.qnetwork import QNetwork
+    from metadqn.envs.families import get_family
+
+    family = get_family(family_name)
+    net = QNetwork(family.obs_dim, family.n_actions, hidden)
+    net.load_state_dict(load_state_dict(weights))
+    example = example_input(family_name, 8, n_obs=4)
+    example = example[example[ROLE] == "obs"][[f"obs_{i}" for i in range(family.obs_dim)]].reset_index(drop=True)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        spec = Path(tmp) / "qnet.json"
+        spec.write_text(json.dumps({"obs_dim": family.obs_dim, "n_actions": family.n_actions,
+                                    "hidden": list(hidden), "family": family_name}))
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=_qnet_class()(), artifacts={"weights": str(weights), "spec": str(spec)},
+            signature=infer_signature(example, q_actions(net, example)), input_example=example,
+            pip_requirements=_requirements(), code_paths=[str(Path(metadqn.__file__).parent)],
         )

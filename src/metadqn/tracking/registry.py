@@ -162,3 +162,61 @@ def promote(params: Params, name: str | None = None, dry_run: bool = False) -> l
         if ok:
             client.set_registered_model_alias(n, CHAMPION, challenger.version)
     return decisions
+
+
+def qnet_alias(task_id: str) -> str:
+    """Each test task's newest adapted Q-network carries the task id as alias (``@interp-003``)."""
+    return task_id
+
+
+def register_qnets(params: Params, provenance: dict[str, str], adapted: Path = paths.ADAPTED,
+                   tasks_path: Path = paths.TASKS) -> list[Registered]:
+    """Registers the adapted Q-networks of ``registry.qnet_method`` (seed 0), one version per test task.
+
+    Tags: task_id, split, method, seed, ``physics.<name>`` and ``normalised_return`` (final, after
+    fine-tuning), plus the provenance tags. A task whose network did not change is not registered again.
+    """
+    import mlflow
+    import pandas as pd
+
+    from metadqn.data.io import file_md5
+    from metadqn.tracking.models import log_qnetwork
+    from metadqn.tracking.runs import stage_run
+
+    index_path = adapted / "index.csv"
+    if not index_path.exists():
+        return []
+    index = pd.read_csv(index_path)
+    method = params.registry.qnet_method
+    rows = index[(index["method"] == method) & (index["seed"] == index["seed"].min())]
+    if rows.empty:
+        return []
+    family = params.family.family()
+    physics = pd.read_parquet(tasks_path).set_index("task_id")[family.param_names]
+    name = model_name(family.name, "qnet")
+    client = mlflow.MlflowClient()
+    todo, out = [], []
+    for row in rows.itertuples(index=False):
+        weights = adapted / row.path
+        content = f"{row.task_id}:{file_md5(weights)}"
+        try:
+            current = client.get_model_version_by_alias(name, qnet_alias(row.task_id))
+        except mlflow.exceptions.MlflowException:
+            current = None
+        if current is not None and current.tags.get("content_hash") == content:
+            out.append(Registered(name, None))
+        else:
+            todo.append((row, weights, content))
+    if not todo:
+        return out
+    with stage_run("register-qnets", family.name, {}, params.digest(), True, provenance) as run:
+        for row, weights, content in todo:
+            info = log_qnetwork(weights, family.name, params.dqn.hidden_sizes, f"qnet-{row.task_id}")
+            tags = {**provenance, "params_digest": params.digest(), "mlflow_run_id": run.info.run_id,
+                    "content_hash": content, "task_id": row.task_id, "split": row.split, "method": method,
+                    "seed": str(row.seed), "normalised_return": str(row.final_normalised_return),
+                    **{f"physics.{k}": repr(float(v)) for k, v in physics.loc[row.task_id].items()}}
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+            client.set_registered_model_alias(name, qnet_alias(row.task_id), version.version)
+            out.append(Registered(name, str(version.version)))
+    return out
