@@ -151,9 +151,10 @@ def run_time(at: str | None = None) -> datetime:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool | None = None,
-                  at: str | None = None, stages: tuple[str, ...] = STAGES, register: bool = True) -> dict:
+                  at: str | None = None, stages: tuple[str, ...] = STAGES, registry: bool = True) -> dict:
     """One pipeline run. ``scheduled`` turns on the schedule's growth and recording (``grow`` and ``record``
-    override them); ``at`` is the run's time (default: the scheduled start)."""
+    override them); ``at`` is the run's time (default: the scheduled start); ``registry`` False skips
+    registering and promoting."""
     params = load_params()
     grow = (params.schedule.grow_tasks if scheduled else 0) if grow is None else grow
     record = (params.schedule.record if scheduled else False) if record is None else record
@@ -167,7 +168,7 @@ def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool
         new_tasks = prepare_pool(params, grow, when)
         for stage in stages:
             dvc_repro(stage)
-        if register:
+        if registry:
             lines = register_and_promote()
         if record:
             commit = record_run(params, when, new_tasks, lines)

@@ -7,9 +7,9 @@ method's fine-tuning runs), each a batched trainer run whose result is a pure fu
 
 ``runner.kind: local`` -> Prefect's ``ThreadPoolTaskRunner(max_workers=1)``: groups train one after
 another in the stage process. The batched trainer already keeps every core busy through torch's
-intra-op threads; training groups concurrently in threads would give each its own OpenMP team and
-oversubscribe the cores (measured on 2 cores with one other busy process: one K=480 run took 71 s with
-one torch thread, 460 s with two).
+intra-op threads; groups trained concurrently in threads would each bring their own OpenMP team and
+oversubscribe the cores, which stalls OpenMP (on a 2-core machine with one other busy process, one K=480
+training run took 71 s on one torch thread and 460 s on two). Parallelism across groups is Dask's job.
 
 ``runner.kind: dask`` -> prefect-dask's ``DaskTaskRunner(address=...)`` on an existing Dask cluster
 (``runner.address`` or ``$METADQN_DASK_ADDRESS``): one Dask task per group, as many groups at once as the

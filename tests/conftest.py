@@ -48,3 +48,14 @@ def tiny_run(tmp_path_factory):
                            curves=root / "meta_curves.csv")
     metrics = run_meta_train(params, store, out)
     return params, store, out, metrics, col
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A fresh git project of this working tree with the tiny params, after a whole `dvc repro`."""
+    from tests.test_pipeline_dvc import dvc, make_project
+
+    project = make_project(tmp_path_factory.mktemp("tiny-project") / "p")
+    first = dvc(project, "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return project

@@ -1,13 +1,15 @@
 """The collect and meta-test fan-out on a real Dask cluster gives exactly the local run's outputs.
 
-One ``distributed.LocalCluster`` (2 worker processes, 1 thread each) serves both tests. Its workers
-report task runs to this test process's temporary Prefect server (the one Prefect starts for the local
-flows anyway): the flow's Prefect settings travel with each task, so no worker starts a server of its own.
+One ``distributed.LocalCluster`` (2 worker processes, 1 thread each) serves both tests, and one temporary
+Prefect server (``prefect_test_harness``) serves the flows and the workers: the flow's Prefect settings,
+the server's URL included, travel with each task, so no worker starts a server of its own (each would
+take 5-20 s).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -22,17 +24,26 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def dask_address():
     from distributed import LocalCluster
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.runners import worker_env
+    from prefect.testing.utilities import prefect_test_harness
 
-    server = SubprocessASGIServer()  # the temporary server of Prefect's ephemeral mode in this process
-    server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}), \
+    # the cluster closes first, then the harness drains the logs and stops the server
+    with prefect_test_harness(server_startup_timeout=60), \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                          env=worker_env()) as cluster:
         yield cluster.scheduler_address
+
+
+@contextmanager
+def _task_stream(address: str | None):
+    """Records the tasks the Dask cluster runs meanwhile (nothing for a local run)."""
+    if address is None:
+        yield []
+        return
+    from distributed import Client, get_task_stream
+
+    with Client(address, set_as_default=False) as client, get_task_stream(client) as stream:
+        yield stream.data
 
 
 def _runner(params, address: str | None):
@@ -63,6 +74,7 @@ def _assert_same_tree(a: Path, b: Path) -> None:
 
 def test_collect_on_dask_equals_the_local_run(dask_address, tmp_path):
     from flows.collect import collect_flow
+
     from metadqn.config import load_params
     from metadqn.data.pool import ensure_pool
     from metadqn.stages.collect import CollectOutputs
@@ -79,14 +91,17 @@ def test_collect_on_dask_equals_the_local_run(dask_address, tmp_path):
         out = CollectOutputs(pool=root / "pool.csv", tasks=root / "tasks.parquet", trajectories=root / "traj",
                              experts=root / "experts", metrics=root / "collect.json", curves=root / "curves.csv")
         ensure_pool(out.pool, params.family.family(), params.collect.n_train_tasks, params.collect.task_seed)
-        results[name] = collect_flow(_runner(params, address), out)
+        with _task_stream(address) as stream:
+            results[name] = collect_flow(_runner(params, address), out)
+    assert len(stream) >= 3  # one Dask task per group of (at most) two of the 6 tiny tasks
+    assert len({t["worker"] for t in stream}) == 2  # and both workers took some
     assert results["dask"] == results["local"]
-    assert len(list((tmp_path / "local" / "experts").glob("*.pt"))) >= 2 * 2  # at least two groups of two
     _assert_same_tree(tmp_path / "local", tmp_path / "dask")
 
 
 def test_meta_test_on_dask_equals_the_local_run(dask_address, tiny_run, tmp_path):
     from flows.meta_test import meta_test_flow
+
     from metadqn.stages.meta_test import MetaTestOutputs
 
     params, store, meta, _, _ = tiny_run
@@ -95,9 +110,10 @@ def test_meta_test_on_dask_equals_the_local_run(dask_address, tiny_run, tmp_path
         root = tmp_path / name
         out = MetaTestOutputs(curves_parquet=root / "curves.parquet", curves_csv=root / "curves.csv",
                               scores=root / "scores.csv", metrics=root / "metrics.json", adapted=root / "adapted")
-        metrics[name] = meta_test_flow(_runner(params, address), store, meta.models, out)
+        with _task_stream(address) as stream:
+            metrics[name] = meta_test_flow(_runner(params, address), store, meta.models, out)
+    methods = pd.read_csv(tmp_path / "local" / "adapted" / "index.csv")["method"].nunique()
+    assert len(stream) == methods >= 2  # one Dask task per method
     assert metrics["dask"] == metrics["local"]
     assert "wall_s" not in metrics["local"]
-    index = pd.read_csv(tmp_path / "local" / "adapted" / "index.csv")
-    assert index["method"].nunique() >= 2  # at least two groups (one per method)
     _assert_same_tree(tmp_path / "local", tmp_path / "dask")

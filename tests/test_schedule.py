@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -111,10 +113,41 @@ def test_an_unchanged_pipeline_run_is_fast_and_registers_nothing(scheduled):
     assert "unchanged" in out
 
 
-@pytest.mark.slow
-def test_serve_makes_a_cron_deployment_that_runs_and_stops_on_sigterm(scheduled):
-    project, _, _ = scheduled
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(scheduled):
+    """`prefect server start` on loopback, as the README runs it (the scheduler lives in the server)."""
+    project = scheduled[0]
+    port = _free_port()
     env = _project_env(project)
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("prefect server did not start in 90 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_serve_makes_a_cron_deployment_that_runs_and_stops_on_sigterm(scheduled, prefect_server):
+    project, _, _ = scheduled
+    env = {**_project_env(project), "PREFECT_API_URL": prefect_server}
     server = subprocess.Popen([str(BIN / "metadqn"), "serve", "--cron", "0 3 * * *"], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -323,7 +323,10 @@ def serve(
     """Serve the pipeline as a Prefect deployment that runs on a cron schedule (Ctrl-C or SIGTERM stops it).
 
     Each scheduled run grows the task pool, brings the pipeline up to date, registers and promotes, and
-    records the run (see the schedule section of params.yaml). Runs never overlap.
+    records the run (see the schedule section of params.yaml). Runs never overlap: this process runs one at
+    a time, and the pipeline lock refuses a run while another process's holds it. Prefect's scheduler lives
+    in its server: point PREFECT_API_URL at a `prefect server start` for the cron schedule to fire (with a
+    temporary server, only runs triggered by hand are picked up).
     """
     _setup_logging()
     cfg = _load(base_params, params)
@@ -345,7 +348,7 @@ def serve(
     from prefect.deployments.runner import EntrypointType
 
     pipeline_flow.serve(
-        name=cfg.schedule.deployment, schedule=schedule, parameters={"scheduled": True}, global_limit=1, limit=1,
+        name=cfg.schedule.deployment, schedule=schedule, parameters={"scheduled": True}, limit=1,
         description="metadqn scheduled run: grow the task pool, dvc repro, register, promote, record",
         tags=["metadqn", cfg.family.name], entrypoint_type=EntrypointType.MODULE_PATH,
     )
