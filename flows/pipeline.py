@@ -17,9 +17,8 @@ import contextlib
 import fcntl
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -30,6 +29,7 @@ from prefect.runtime import flow_run
 
 from metadqn import paths
 from metadqn.config import Params, load_params
+from metadqn.versioning import tool
 
 STAGES = ("collect", "meta_train", "meta_test", "report")
 LOCK = Path(".metadqn-pipeline.lock")
@@ -68,14 +68,13 @@ def _api_url() -> str | None:
 
 @task(name="dvc-repro", cache_policy=NO_CACHE, task_run_name="dvc-repro-{stage}")
 def dvc_repro(stage: str) -> None:
-    dvc = Path(sys.executable).with_name("dvc")
     # the stage's own flow reports to this run's Prefect API (a server, or this process's temporary one)
     # instead of starting another temporary server per stage
     env = dict(os.environ)
     url = _api_url()
     if url:
         env["PREFECT_API_URL"] = url
-    subprocess.run([str(dvc) if dvc.exists() else "dvc", "repro", stage], check=True, env=env)
+    subprocess.run([tool("dvc"), "repro", stage], check=True, env=env)
 
 
 def _data_hash() -> str:
@@ -87,16 +86,11 @@ def _data_hash() -> str:
 
 
 @task(name="prepare-task-pool", cache_policy=NO_CACHE)
-def prepare_pool(params: Params, grow: int, when: datetime) -> list[str]:
+def update_pool(params: Params, grow: int, when: datetime) -> list[str]:
     """Makes sure the pool exists (recreating it from params in a fresh clone), then grows it."""
-    from metadqn.data.pool import ensure_pool
-    from metadqn.stages.collect import grow_pool
-    from metadqn.versioning import dvc_add
+    from metadqn.stages.collect import grow_pool, prepare_pool
 
-    done = ensure_pool(paths.TASK_POOL, params.family.family(), params.collect.n_train_tasks,
-                       params.collect.task_seed)
-    if done != "present":
-        dvc_add(paths.TASK_POOL)
+    done = prepare_pool(params)
     added = grow_pool(params, grow, when) if grow > 0 else None
     new = [] if added is None else list(added["task_id"])
     print(f"task pool: {done}; {'added ' + ', '.join(new) if new else 'nothing added'}")
@@ -141,12 +135,12 @@ def register_and_promote() -> list[str]:
 
 def run_time(at: str | None = None) -> datetime:
     """The run's time: ``at`` if given, else the flow run's scheduled start, else now (UTC)."""
-    if at is not None:
-        when = datetime.fromisoformat(at.replace("Z", "+00:00"))
-    else:
+    from metadqn.data.pool import parse_time
+
+    if at is None:
         scheduled = flow_run.get_scheduled_start_time()
-        when = datetime.fromisoformat(scheduled.isoformat()) if scheduled is not None else datetime.now(UTC)
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).replace(microsecond=0)
+        at = scheduled.isoformat() if scheduled is not None else None
+    return parse_time(at).replace(microsecond=0)
 
 
 @flow(name="pipeline", log_prints=True)
@@ -165,7 +159,7 @@ def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool
             from metadqn.versioning import check_branch
 
             check_branch(params.schedule.branch)
-        new_tasks = prepare_pool(params, grow, when)
+        new_tasks = update_pool(params, grow, when)
         for stage in stages:
             dvc_repro(stage)
         if registry:

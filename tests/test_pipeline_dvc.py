@@ -20,11 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict[str, str]:
+def project_env(project: Path) -> dict[str, str]:
+    """The environment of a command run in ``project``: the venv first on PATH, Prefect state and the MLflow
+    store inside the project, no params overlay."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("METADQN_PARAMS", None)
-    env["PREFECT_HOME"] = ""  # set per project below
+    env["PREFECT_HOME"] = str(project / ".prefect")
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
     return env
 
 
@@ -47,9 +50,8 @@ def make_project(dest: Path) -> Path:
             p.unlink()
     (dest / "data" / "task_pool.csv.dvc").unlink(missing_ok=True)  # the tiny params make their own pool
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    env = _env()
-    env["PREFECT_HOME"] = str(dest / ".prefect")
-    subprocess.run([str(BIN / "metadqn"), "init-pool"], cwd=dest, env=env, check=True, capture_output=True)
+    subprocess.run([str(BIN / "metadqn"), "init-pool"], cwd=dest, env=project_env(dest), check=True,
+                   capture_output=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
                    check=True)
@@ -57,10 +59,8 @@ def make_project(dest: Path) -> Path:
 
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = _env()
-    env["PREFECT_HOME"] = str(project / ".prefect")
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=project_env(project), capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.mark.slow

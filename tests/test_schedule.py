@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,21 +14,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.test_pipeline_dvc import BIN, _env, dvc, make_project
+from tests.test_pipeline_dvc import BIN, dvc, make_project, project_env
+from tests.test_registry import _free_port
 
 BRANCH = "metadqn-scheduled"
 FIRST, SECOND = "2026-11-27T03:00:00Z", "2026-11-28T03:00:00Z"
 
 
-def _project_env(project: Path) -> dict[str, str]:
-    env = _env()
-    env["PREFECT_HOME"] = str(project / ".prefect")
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    return env
-
-
 def metadqn(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "metadqn"), *args], cwd=project, env=_project_env(project), capture_output=True,
+    return subprocess.run([str(BIN / "metadqn"), *args], cwd=project, env=project_env(project), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -113,18 +106,12 @@ def test_an_unchanged_pipeline_run_is_fast_and_registers_nothing(scheduled):
     assert "unchanged" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prefect_server(scheduled):
     """`prefect server start` on loopback, as the README runs it (the scheduler lives in the server)."""
     project = scheduled[0]
     port = _free_port()
-    env = _project_env(project)
+    env = project_env(project)
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
@@ -147,7 +134,7 @@ def prefect_server(scheduled):
 @pytest.mark.slow
 def test_serve_makes_a_cron_deployment_that_runs_and_stops_on_sigterm(scheduled, prefect_server):
     project, _, _ = scheduled
-    env = {**_project_env(project), "PREFECT_API_URL": prefect_server}
+    env = {**project_env(project), "PREFECT_API_URL": prefect_server}
     server = subprocess.Popen([str(BIN / "metadqn"), "serve", "--cron", "0 3 * * *"], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -98,13 +98,12 @@ def init_pool(
 ) -> None:
     """Create the training task pool from params (collect.n_train_tasks, task_seed) if it is missing."""
     cfg = _load(base_params, params)
-    from metadqn.data.pool import PoolError, ensure_pool
-    from metadqn.versioning import VersioningError, dvc_add
+    from metadqn.data.pool import PoolError
+    from metadqn.stages.collect import prepare_pool
+    from metadqn.versioning import VersioningError
 
     try:
-        done = ensure_pool(pool, cfg.family.family(), cfg.collect.n_train_tasks, cfg.collect.task_seed, force)
-        if done != "present":
-            dvc_add(pool)
+        done = prepare_pool(cfg, pool, force)
     except (PoolError, VersioningError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"task pool {pool}: {done}")
@@ -139,15 +138,12 @@ def grow_tasks(
 
 
 def _parse_time(text: str | None):
-    from datetime import UTC, datetime
+    from metadqn.data.pool import parse_time
 
-    if text is None:
-        return datetime.now(UTC).replace(microsecond=0)
     try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--at {text!r} is not an ISO 8601 time (e.g. 2026-11-27T03:00:00Z)") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        return parse_time(text)
+    except ValueError as exc:
+        raise ValueError(f"--at {exc}") from None
 
 
 @app.command("meta-train")
@@ -270,9 +266,9 @@ def _pipeline_checks(cfg: Params, record: bool, at: str | None) -> None:
     """Everything a pipeline run could trip over through a user's doing, checked before Prefect starts."""
     from flows.pipeline import PipelineBusy, pipeline_lock
 
-    from metadqn.data.pool import PoolError, ensure_pool
-    from metadqn.stages.collect import load_pool
-    from metadqn.versioning import VersioningError, check_branch, dvc_add
+    from metadqn.data.pool import PoolError
+    from metadqn.stages.collect import load_pool, prepare_pool
+    from metadqn.versioning import VersioningError, check_branch
 
     try:
         with pipeline_lock():
@@ -282,9 +278,7 @@ def _pipeline_checks(cfg: Params, record: bool, at: str | None) -> None:
         if record:
             check_branch(cfg.schedule.branch)
         # a fresh clone recreates the pool from params where it can (else: `dvc pull` it)
-        if ensure_pool(paths.TASK_POOL, cfg.family.family(), cfg.collect.n_train_tasks,
-                       cfg.collect.task_seed) != "present":
-            dvc_add(paths.TASK_POOL)
+        prepare_pool(cfg)
         load_pool(cfg, paths.TASK_POOL)
     except (PipelineBusy, PoolError, VersioningError, ValueError) as exc:
         raise _fail(str(exc)) from None

@@ -18,14 +18,14 @@ class VersioningError(RuntimeError):
     """git or DVC refused; the message is one line, ready to print."""
 
 
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
     # DVC runs from the project's venv (stage commands must find its metadqn), so prefer the one beside us.
     beside = Path(sys.executable).with_name(name)
     return str(beside) if beside.exists() else name
 
 
 def run(name: str, *args: str, cwd: Path | None = None) -> str:
-    proc = subprocess.run([_tool(name), *args], cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([tool(name), *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise VersioningError(f"`{name} {' '.join(args)}` failed: {detail[-1] if detail else proc.returncode}")

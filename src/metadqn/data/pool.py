@@ -49,6 +49,17 @@ def batch_seed(family: Family, batch: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def parse_time(text: str | None) -> datetime:
+    """An ISO 8601 time (``Z`` or an offset; naive means UTC) as an aware datetime; None means now."""
+    if text is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-27T03:00:00Z)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
 def batch_name(when: datetime) -> str:
     """A batch is named after its time in UTC, to the second (e.g. ``2026-11-27T03:00:00Z``)."""
     if when.tzinfo is None:

@@ -296,6 +296,18 @@ def load_pool(params: Params, path: Path = paths.TASK_POOL) -> pd.DataFrame:
     return pool
 
 
+def prepare_pool(params: Params, path: Path = paths.TASK_POOL, force: bool = False) -> str:
+    """Makes sure the pool exists (recreated from params where it can be, see
+    :func:`metadqn.data.pool.ensure_pool`) and that DVC tracks what was written; returns what was done."""
+    from metadqn.versioning import dvc_add
+
+    done = task_pool.ensure_pool(path, params.family.family(), params.collect.n_train_tasks,
+                                 params.collect.task_seed, force)
+    if done != "present":
+        dvc_add(path)
+    return done
+
+
 def grow_pool(params: Params, n: int, when: datetime, path: Path = paths.TASK_POOL) -> pd.DataFrame:
     """Appends ``n`` tasks to the pool file (and ``dvc add``s it); returns the added rows (none if the
     batch of ``when`` is already there)."""
