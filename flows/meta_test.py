@@ -16,26 +16,27 @@ from prefect.runtime import flow_run
 from flows.runners import task_runner
 from metadqn.config import Params
 from metadqn.data.store import TaskStore
-from metadqn.evaluation.protocol import GroupRun, ProtocolGroup, finetune_config, finetune_group
+from metadqn.evaluation.protocol import GroupRun, ProtocolGroup, finetune_group
 from metadqn.stages.meta_test import MetaTestOutputs, run_meta_test
 
 
 @task(name="fine-tune-method", cache_policy=NO_CACHE, task_run_name="fine-tune-{group.method}")
 def finetune_group_task(params: Params, group: ProtocolGroup) -> GroupRun:
-    return finetune_group(params.family.family(), group, finetune_config(params))
+    return finetune_group(params.family.family(), group)
 
 
 @flow(name="meta-test", log_prints=True)
 def _meta_test_flow(params: Params, store: TaskStore, models: Path,
-                    out: MetaTestOutputs = MetaTestOutputs()) -> dict:
+                    out: MetaTestOutputs = MetaTestOutputs(), selected: Path | None = None) -> dict:
     def mapper(_fn, groups: list[ProtocolGroup]) -> list[GroupRun]:
         futures = [finetune_group_task.submit(params, g) for g in groups]
         return [f.result() for f in futures]
 
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or "")}
-    return run_meta_test(params, store, models, out, tags, map_groups=mapper)
+    return run_meta_test(params, store, models, out, tags, map_groups=mapper, selected=selected)
 
 
-def meta_test_flow(params: Params, store: TaskStore, models: Path, out: MetaTestOutputs = MetaTestOutputs()) -> dict:
+def meta_test_flow(params: Params, store: TaskStore, models: Path, out: MetaTestOutputs = MetaTestOutputs(),
+                   selected: Path | None = None) -> dict:
     """Runs the meta-test flow on the task runner that ``params.runner`` names; returns the metrics."""
-    return _meta_test_flow.with_options(task_runner=task_runner(params))(params, store, models, out)
+    return _meta_test_flow.with_options(task_runner=task_runner(params))(params, store, models, out, selected)

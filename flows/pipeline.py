@@ -31,7 +31,12 @@ from metadqn import paths
 from metadqn.config import Params, load_params
 from metadqn.versioning import tool
 
-STAGES = ("collect", "meta_train", "meta_test", "report")
+
+def dvc_stages(dvc_yaml: Path = Path("dvc.yaml")) -> tuple[str, ...]:
+    """The stages in dvc.yaml's order (which is a topological order: dvc.yaml is the only DAG)."""
+    return tuple(yaml.safe_load(dvc_yaml.read_text())["stages"])
+
+
 LOCK = Path(".metadqn-pipeline.lock")
 RECORDED = (Path("dvc.lock"), paths.TASK_POOL.with_name(paths.TASK_POOL.name + ".dvc"), Path("reports"))
 """What a recorded run commits (the outputs themselves go to the DVC remote)."""
@@ -145,7 +150,7 @@ def run_time(at: str | None = None) -> datetime:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool | None = None,
-                  at: str | None = None, stages: tuple[str, ...] = STAGES, registry: bool = True) -> dict:
+                  at: str | None = None, stages: tuple[str, ...] | None = None, registry: bool = True) -> dict:
     """One pipeline run. ``scheduled`` turns on the schedule's growth and recording (``grow`` and ``record``
     override them); ``at`` is the run's time (default: the scheduled start); ``registry`` False skips
     registering and promoting."""
@@ -160,7 +165,7 @@ def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool
 
             check_branch(params.schedule.branch)
         new_tasks = update_pool(params, grow, when)
-        for stage in stages:
+        for stage in stages or dvc_stages():
             dvc_repro(stage)
         if registry:
             lines = register_and_promote()

@@ -78,3 +78,43 @@ def test_summary_censoring_ratio_and_equal_budgets():
     uneven = curves[~((curves.method == "scratch") & (curves.step == 300))]
     with pytest.raises(AssertionError, match="unequal budgets"):
         check_equal_budgets(uneven, 300)
+
+
+def test_paired_difference_uses_the_pairing():
+    """Tasks differ a lot in level, but the method beats scratch by 0.1 on every (task, seed): the paired CI
+    excludes 0 although the two methods' own CIs overlap."""
+    rows = []
+    for t, level in enumerate((0.1, 0.4, 0.7, 0.9)):
+        for seed in range(4):
+            noise = 0.15 * seed
+            for method, bonus in (("scratch", 0.0), ("hypernet", 0.1)):
+                for step in (100, 300):
+                    v = level + noise + bonus
+                    rows.append({"task_id": f"t{t}", "split": "interp", "method": method, "seed": seed,
+                                 "step": step, "return": 500 * v, "normalised_return": v})
+    curves = pd.DataFrame(rows)
+    scores = per_run_scores(curves, 0.9, 300)
+    summary = summarise(scores, MetaTestConfig(bootstrap_resamples=500), curves)["interp"]
+    h, s = summary["hypernet"], summary["scratch"]
+    assert h["auc_diff_vs_scratch"] == pytest.approx(0.1)
+    assert 0 < h["auc_diff_vs_scratch_ci_low"] <= 0.1 <= h["auc_diff_vs_scratch_ci_high"]
+    assert h["auc_ci_low"] < s["auc_ci_high"]  # unpaired CIs overlap
+    assert "auc_diff_vs_scratch" not in s
+    assert h["regret_iqm"] == pytest.approx(1 - h["auc_iqm"])
+    assert h["min_curve_iqm"] == pytest.approx(h["auc_iqm"])  # flat curves
+    shuffled = scores[~((scores.method == "scratch") & (scores.seed == 0))]
+    with pytest.raises(ValueError, match="cannot pair"):
+        summarise(shuffled, MetaTestConfig(bootstrap_resamples=500))
+
+
+def test_task_bootstrap_resamples_tasks():
+    from metadqn.evaluation.metrics import task_bootstrap_iqm_ci
+
+    # one run per task: the stratified bootstrap has nothing to resample, the task bootstrap does
+    values, tasks = np.array([0.1, 0.4, 0.7, 0.9]), ["a", "b", "c", "d"]
+    assert stratified_iqm_ci(values, tasks, n_resamples=500) == (iqm(values),) * 3
+    point, lo, hi = task_bootstrap_iqm_ci(values, tasks, n_resamples=500)
+    assert lo < point < hi and lo >= 0.1 and hi <= 0.9
+    # tasks that agree give a zero-width interval whatever their runs' spread
+    assert task_bootstrap_iqm_ci(np.array([0.2, 0.8, 0.2, 0.8]), ["a", "a", "b", "b"], n_resamples=200)[1:] == \
+        pytest.approx((0.5, 0.5))

@@ -178,6 +178,35 @@ def meta_train(
     typer.echo(f"meta-train: validation zero-shot (normalised): {summary}; metrics in {metrics}")
 
 
+@app.command("finetune-search")
+def finetune_search(
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    tasks: Annotated[Path, typer.Option(help="Input: the task sets.")] = paths.TASKS,
+    collect_metrics: Annotated[Path, typer.Option(help="Input: expert returns.")] = paths.COLLECT_METRICS,
+    models: Annotated[Path, typer.Option(help="Input: meta-models.")] = paths.META_MODELS,
+    selected: Annotated[Path, typer.Option(help="Output: the selection meta-test reads.")] = paths.FINETUNE_SELECTED,
+    summary: Annotated[Path, typer.Option(help="Output: per method and candidate.")] = paths.FINETUNE_SEARCH,
+    scores: Annotated[Path, typer.Option(help="Output: per-run scores.")] = paths.FINETUNE_SEARCH_SCORES,
+) -> None:
+    """Choose each meta-learned method's fine-tuning configuration on the validation tasks (never test tasks)."""
+    _setup_logging()
+    cfg = _load(base_params, params)
+    from flows.finetune_search import finetune_search_flow
+
+    from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.stages.finetune_search import SearchOutputs
+
+    store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
+    _preflight(store, (), cfg)
+    try:
+        chosen = finetune_search_flow(cfg, store, models, SearchOutputs(selected, summary, scores))
+    except MissingInputError as exc:
+        raise _fail(str(exc)) from None
+    picks = ", ".join(f"{m}={v['candidate']}" for m, v in chosen.items()) or "nothing to search"
+    typer.echo(f"finetune search: {picks}; selection in {selected}")
+
+
 @app.command("meta-test")
 def meta_test(
     params: ParamsOpt = None,
@@ -190,6 +219,9 @@ def meta_test(
     scores: Annotated[Path, typer.Option(help="Output: per-run scores.")] = paths.META_TEST_SCORES,
     metrics: Annotated[Path, typer.Option(help="Output: metrics JSON.")] = paths.METRICS,
     adapted: Annotated[Path, typer.Option(help="Output: fine-tuned Q-networks.")] = paths.ADAPTED,
+    selected: Annotated[Path | None, typer.Option(
+        help="Input: the finetune_search selection (omitted: every method fine-tunes with the dqn section).",
+    )] = None,
 ) -> None:
     """Fine-tune every method on every held-out task and seed; write curves, metrics and adapted networks."""
     _setup_logging()
@@ -197,6 +229,7 @@ def meta_test(
     from flows.meta_test import meta_test_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.evaluation.search import SelectionError
     from metadqn.stages.meta_test import MetaTestOutputs
 
     store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
@@ -206,8 +239,8 @@ def meta_test(
     out = MetaTestOutputs(curves_parquet=curves, curves_csv=curves_csv, scores=scores, metrics=metrics,
                           adapted=adapted)
     try:
-        meta_test_flow(cfg, store, models, out)
-    except MissingInputError as exc:
+        meta_test_flow(cfg, store, models, out, selected)
+    except (MissingInputError, SelectionError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"meta-test: metrics in {metrics}, curves in {curves_csv}")
 
@@ -217,6 +250,8 @@ def report(
     params: ParamsOpt = None,
     base_params: BaseOpt = Path("params.yaml"),
     out_dir: Annotated[Path, typer.Option(help="Output: report.html, report.md, figures/.")] = Path("reports"),
+    search: Annotated[Path, typer.Option(help="Input: the fine-tuning search summary.")] = paths.FINETUNE_SEARCH,
+    selected: Annotated[Path, typer.Option(help="Input: the fine-tuning selection.")] = paths.FINETUNE_SELECTED,
 ) -> None:
     """Write the evaluation report (reports/report.html, self-contained, and reports/report.md)."""
     _setup_logging()
@@ -226,7 +261,7 @@ def report(
     for need in (paths.METRICS, paths.META_TEST_CURVES_PARQUET, paths.META_TEST_SCORES):
         if not need.exists():
             raise _fail(f"{need}: not found; run `dvc repro meta_test` first")
-    html = report_flow(cfg, out_dir)
+    html = report_flow(cfg, out_dir, search, selected)
     typer.echo(f"report: {html}")
 
 

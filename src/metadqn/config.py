@@ -232,18 +232,24 @@ class SiameseConfig(_Section):
 
 
 class ReptileConfig(_Section):
-    """Optimisation-based learner: Reptile (Nichol et al. 2018) with an offline DQN inner loop."""
+    """Optimisation-based learner: Reptile (Nichol et al. 2018) over DQN, every training task batched."""
 
+    inner_loop: Literal["online", "offline"] = "online"
+    """online: each inner loop is a short online DQN run (the dqn section's settings) from the current
+    initialisation on every training task, i.e. the fine-tuning the initialisation is meant for; offline:
+    TD steps on each task's stored transitions (the first version; it learned slower than scratch)."""
     meta_iterations: int = Field(300, ge=1)
     """Outer steps; each runs the inner loop on every training task at once (batched)."""
+    inner_env_steps: int = Field(2000, ge=1)
+    """online: environment steps per task of each inner DQN run (must exceed dqn.learning_starts)."""
     inner_steps: int = Field(32, ge=1)
-    """TD steps per task per outer step, on the task's stored transitions (offline)."""
+    """offline: TD steps per task per outer step, on the task's stored transitions."""
     inner_learning_rate: float = Field(1e-3, gt=0)
-    """Adam step size of the inner loop (fresh Adam state every outer step)."""
+    """offline: Adam step size of the inner loop (fresh Adam state every outer step)."""
     outer_step: float = Field(0.5, gt=0, le=1)
     """Reptile's epsilon at the start; it decays linearly to 0."""
     batch_size: int = Field(64, ge=1)
-    """Transitions per task per inner step."""
+    """offline: transitions per task per inner step."""
 
 
 class MultitaskConfig(_Section):
@@ -280,6 +286,89 @@ class MetaTrainConfig(_Section):
 
 
 METHODS = ("hypernet", "hypernet-oracle", "siamese", "reptile", "multitask", "scratch")
+FROZEN_SUFFIX = "-frozen"
+"""A meta-learned method's frozen-start control is reported as ``<method>-frozen``."""
+
+
+def _check_dqn_overrides(v: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(v) - set(DQNConfig.model_fields))
+    if unknown:
+        raise ValueError(f"has unknown dqn key(s) {', '.join(unknown)}")
+    fixed = sorted({"total_steps", "eval_interval", "eval_episodes"} & set(v))
+    if fixed:
+        raise ValueError(f"must not set {', '.join(fixed)} (they come from meta_test itself)")
+    try:  # a bad value fails here, at load time, not in a stage
+        DQNConfig.model_validate({**DQNConfig().model_dump(), **v})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(_format_error(err, "").removeprefix(": ")) from None
+    return v
+
+
+class FinetuneConfig(_Section):
+    """How DQN fine-tunes from a given start network (every lever off: plain DQN with the dqn section).
+
+    The levers answer the known ways a converged value network collapses when it is fine-tuned online
+    (Wolczyk et al. 2024): exploration that throws the start's policy away, large early steps, nothing
+    holding the network near its start, and a replay that forgets the start's good data.
+    """
+
+    dqn: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the dqn section (e.g. learning_rate, gradient_steps, tau); total_steps and evaluation
+    come from meta_test itself."""
+    start_epsilon: float | None = Field(None, ge=0, le=1)
+    """(a) Act epsilon-greedily around the current network with this constant epsilon from step 0 (the
+    start's own policy at first) instead of the dqn epsilon schedule, so learning_starts fills the replay
+    with the start's rollouts, not uniform-random ones (WSRL, JSRL). null: the dqn schedule."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """(b) Environment steps over which the Adam step size rises linearly from 0 (damped early optimisation)."""
+    anchor: Literal["none", "kl", "l2"] = "none"
+    """(c) A loss that holds the network near its frozen start: kl distils the start's policy
+    (KL(softmax(Q_start/T) || softmax(Q/T)) on the batch states; kickstarting, QDagger); l2 is the squared
+    distance of the parameters to the start's."""
+    anchor_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """Weight of the anchor at step 0."""
+    anchor_floor: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """The weight never decays below this (the start stays a teacher when it is already as good as one)."""
+    anchor_decay_steps: int = Field(0, ge=0)
+    """Environment steps over which the weight decays linearly from anchor_weight to anchor_floor (0: constant
+    anchor_weight)."""
+    anchor_temperature: float = Field(0.01, gt=0, allow_inf_nan=False)
+    """T of the kl anchor's softmax (small: CartPole's action gaps are small next to its Q-values)."""
+    protected_steps: int = Field(0, ge=0)
+    """(d) The first this many environment steps' transitions (the start's own rollouts) are kept in a
+    protected replay partition that is never overwritten (DQfD, RLPD)."""
+    protected_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of every batch drawn from the protected partition (once it holds data)."""
+    shrink: float = Field(1.0, ge=0, le=1)
+    """Shrink-and-perturb (Ash & Adams 2020): start from shrink x start + (1 - shrink) x a fresh network;
+    1 keeps the start, 0 is scratch. For starts that learn slower than a fresh network."""
+
+    @field_validator("dqn")
+    @classmethod
+    def _dqn_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_dqn_overrides(v)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> FinetuneConfig:
+        if (self.protected_steps > 0) != (self.protected_fraction > 0):
+            raise ValueError("protected_steps and protected_fraction must both be set (or both 0)")
+        if self.anchor_decay_steps and self.anchor_floor > self.anchor_weight:
+            raise ValueError("anchor_floor must not exceed anchor_weight")
+        return self
+
+
+class SearchConfig(_Section):
+    """The fine-tuning configuration search (stage finetune_search), on validation tasks only."""
+
+    seeds: int = Field(2, ge=1)
+    """Fine-tuning runs per (validation task, method, candidate)."""
+    seed: int = 0
+    """Seed of the search's contexts and runs (independent of meta_test.seed)."""
+    candidates: dict[str, FinetuneConfig] = Field(default_factory=lambda: {"dqn": FinetuneConfig()}, min_length=1)
+    """Named fine-tuning configurations tried for every meta-learned method; the one with the highest
+    validation AUC IQM is selected (ties: the first listed). Scratch is never searched: it keeps the dqn
+    section, which is tuned for learning from scratch."""
 
 
 class MetaTestConfig(_Section):
@@ -301,26 +390,19 @@ class MetaTestConfig(_Section):
     threshold: float = Field(0.9, gt=0)
     """Steps to threshold: first evaluation with return >= threshold x the task's expert return."""
     bootstrap_resamples: int = Field(2000, ge=100)
-    """Stratified-bootstrap resamples for the 95% confidence intervals."""
+    """Stratified-bootstrap resamples for the confidence intervals."""
     confidence: float = Field(0.95, gt=0, lt=1)
     """Confidence level of the intervals."""
-    finetune: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of the dqn section for fine-tuning (total_steps and evaluation come from this section)."""
+    frozen_controls: bool = True
+    """Report each meta-learned start without fine-tuning as ``<method>-frozen`` (the "do nothing" curve)."""
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    """Fine-tuning configurations tried per meta-learned method on validation tasks."""
 
-    @field_validator("finetune")
-    @classmethod
-    def _dqn_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(v) - set(DQNConfig.model_fields))
-        if unknown:
-            raise ValueError(f"has unknown dqn key(s) {', '.join(unknown)}")
-        fixed = sorted({"total_steps", "eval_interval", "eval_episodes"} & set(v))
-        if fixed:
-            raise ValueError(f"must not set {', '.join(fixed)} (they come from meta_test itself)")
-        return v
-
-    def dqn(self, base: DQNConfig, context_steps: int) -> DQNConfig:
-        """The fine-tuning DQN config: ``base`` with the overrides, budget and evaluation of this section."""
-        return DQNConfig.model_validate({**base.model_dump(), **self.finetune,
+    def dqn(self, base: DQNConfig, context_steps: int, finetune: FinetuneConfig | None = None) -> DQNConfig:
+        """A fine-tuning run's DQN config: ``base`` with the candidate's overrides, and the budget (T minus the
+        context's C steps) and evaluation of this section."""
+        over = finetune.dqn if finetune is not None else {}
+        return DQNConfig.model_validate({**base.model_dump(), **over,
                                          "total_steps": self.budget_steps - context_steps,
                                          "eval_interval": self.eval_interval, "eval_episodes": self.eval_episodes})
 
@@ -408,6 +490,11 @@ class Params(BaseModel):
         c, t = self.meta_train.context_size, self.meta_test.budget_steps
         if t <= c:
             raise ValueError(f"meta_test.budget_steps must exceed meta_train.context_size ({c}) (got {t})")
+        rep = self.meta_train.reptile
+        if "reptile" in self.meta_train.learners and rep.inner_loop == "online" \
+                and rep.inner_env_steps <= self.dqn.learning_starts:
+            raise ValueError(f"meta_train.reptile.inner_env_steps must exceed dqn.learning_starts "
+                             f"({self.dqn.learning_starts}) or the inner loop never learns (got {rep.inner_env_steps})")
         return self
 
     def digest(self) -> str:

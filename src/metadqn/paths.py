@@ -26,3 +26,7 @@ META_TEST_CURVES_CSV = META_TEST_REPORTS / "curves.csv"
 META_TEST_SCORES = META_TEST_REPORTS / "scores.csv"
 METRICS = Path("reports/metrics.json")
 ADAPTED = Path("models/adapted")
+FINETUNE_REPORTS = Path("reports/finetune")
+FINETUNE_SEARCH = FINETUNE_REPORTS / "search.csv"
+FINETUNE_SEARCH_SCORES = FINETUNE_REPORTS / "scores.csv"
+FINETUNE_SELECTED = FINETUNE_REPORTS / "selected.json"

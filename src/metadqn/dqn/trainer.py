@@ -11,7 +11,10 @@ lone DQN run on its task. The loop reads top to bottom like CleanRL's ``dqn.py``
 
 API: ``train_dqn(family, tasks, cfg, seed, init=...)`` takes one row of physics parameters and optionally
 one initial ``QNetwork`` state_dict per slot, and returns learning curves and final and best parameters per
-slot. Collect uses it to train experts; meta-test uses it to fine-tune many (task, method, seed) slots.
+slot. Collect uses it to train experts; meta-test uses it to fine-tune many (task, method, seed) slots,
+with the fine-tuning levers of a :class:`~metadqn.config.FinetuneConfig` (start-policy acting, learning-rate
+warm-up, an anchor to the frozen start, a protected replay partition, shrink-and-perturb). With every lever
+off (the default) the loop is plain DQN, draw for draw.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from metadqn.config import DQNConfig
+from metadqn.config import DQNConfig, FinetuneConfig
+from metadqn.dqn.levers import SlotLevers
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict, init_state_dict
 from metadqn.dqn.replay import BatchedReplayBuffer, ReplayBatch
 from metadqn.dqn.rollout import EpisodeTracker, GreedyEvaluator, epsilon_greedy
@@ -68,8 +72,9 @@ def linear_learning_rate(cfg: DQNConfig, step: int) -> float:
 
 
 def td_loss(online: BatchedQNetwork, target: BatchedQNetwork, batch: ReplayBatch, gamma: float,
-            double_dqn: bool) -> torch.Tensor:
-    """Per-slot Huber TD loss, [K]; masked transitions (weight 0) do not count."""
+            double_dqn: bool, q_all: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-slot Huber TD loss, [K]; masked transitions (weight 0) do not count. ``q_all`` is
+    ``online(batch.obs)`` when the caller already has it (the kl anchor needs it too)."""
     with torch.no_grad():
         q_next_target = target(batch.next_obs)
         if double_dqn:
@@ -78,7 +83,8 @@ def td_loss(online: BatchedQNetwork, target: BatchedQNetwork, batch: ReplayBatch
         else:
             q_next = q_next_target.max(-1).values
         y = batch.rewards + gamma * (1.0 - batch.terminated) * q_next
-    q = online(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
+    q_all = online(batch.obs) if q_all is None else q_all
+    q = q_all.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
     per = F.smooth_l1_loss(q, y, reduction="none") * batch.weights
     return per.sum(1) / batch.weights.sum(1).clamp(min=1.0)
 
@@ -112,6 +118,47 @@ def update_target(target: BatchedQNetwork, online: BatchedQNetwork, tau: float) 
 
 
 @dataclass
+class Updater:
+    """The learning half of DQN: online and target networks, Adam, and the fine-tuning levers that act on
+    updates (warm-up, anchor, protected replay). One :meth:`burst` is ``gradient_steps`` TD updates."""
+
+    cfg: DQNConfig
+    levers: SlotLevers
+    online: BatchedQNetwork
+    target: BatchedQNetwork
+    start: BatchedQNetwork | None
+    """The frozen start (only kept when an anchor needs it)."""
+    gen: torch.Generator
+    optimizer: torch.optim.Optimizer = field(init=False)
+    grad_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.params = list(self.online.parameters())
+        self.optimizer = make_optimizer(self.params, self.cfg.learning_rate)
+
+    def burst(self, replay: BatchedReplayBuffer, protected: BatchedReplayBuffer | None, steps: int,
+              trained_steps: int) -> None:
+        cfg, lv = self.cfg, self.levers
+        lr = linear_learning_rate(cfg, steps) * lv.warmup(trained_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        w_anchor = lv.anchor_weights(steps) if self.start is not None else None
+        for _ in range(cfg.gradient_steps):
+            batch = lv.sample(replay, protected, cfg.batch_size, self.gen)
+            q_all = self.online(batch.obs)
+            loss = td_loss(self.online, self.target, batch, cfg.gamma, cfg.double_dqn, q_all)
+            if w_anchor is not None:
+                loss = loss + w_anchor * lv.anchor_loss(self.online, self.start, batch, q_all)
+            self.optimizer.zero_grad(set_to_none=False)
+            loss.sum().backward()
+            clip_grad_norm_per_slot(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.grad_steps += 1
+            if self.grad_steps % cfg.target_update_interval == 0:
+                update_target(self.target, self.online, cfg.tau)
+
+
+@dataclass
 class TrainResult:
     """What one batched run returns, per slot."""
 
@@ -122,6 +169,9 @@ class TrainResult:
     """The checkpoint with the highest greedy evaluation (latest on ties)."""
     best_return: np.ndarray
     best_step: np.ndarray
+    start_return: np.ndarray
+    """Greedy evaluation of each slot's start network (``init``, before any shrink), on the start states of
+    every evaluation: a network that never changes scores exactly this at each one (the frozen control)."""
     env_steps: int
     """Environment steps per slot (all slots step in lockstep)."""
     wall_s: float
@@ -139,6 +189,7 @@ def train_dqn(
     prefill: Sequence[dict[str, np.ndarray]] | None = None,
     evaluate: bool = True,
     on_steps: Callable[[int], None] | None = None,
+    finetune: FinetuneConfig | Sequence[FinetuneConfig] | None = None,
 ) -> TrainResult:
     """Trains one DQN per row of ``tasks`` ([K, n_params] physics), all at once.
 
@@ -149,6 +200,8 @@ def train_dqn(
     ``init[k]`` is slot k's initial QNetwork state_dict (``None``: a fresh network from its own seed).
     ``prefill[k]`` are transitions already collected on slot k's task (meta-test: the task's context),
     written into its replay before the first step; they count towards ``learning_starts``.
+    ``finetune`` holds the levers for starting from a given network (None: plain DQN), one config for every
+    slot or one per slot (slots may differ only in the per-slot levers, see :mod:`metadqn.dqn.levers`).
     ``on_steps`` is called with the env steps per slot done since the last call (progress bars).
     Deterministic on CPU for a given ``seed``.
     """
@@ -163,30 +216,42 @@ def train_dqn(
         k, e = int(tasks.shape[0]), int(tasks.shape[1])
     else:
         k, e = int(tasks.shape[0]), cfg.envs_per_task
+    levers = SlotLevers.build(finetune, k, device)
     seeds = np.random.SeedSequence(seed).generate_state(4 + k)
     env_seed, eval_seed, torch_seed, np_seed = (int(s) for s in seeds[:4])
     rng = np.random.default_rng(np_seed)
     gen = torch.Generator(device=device).manual_seed(torch_seed)
 
-    online = BatchedQNetwork(k, family.obs_dim, family.n_actions, cfg.hidden_sizes).to(device)
+    def network() -> BatchedQNetwork:
+        return BatchedQNetwork(k, family.obs_dim, family.n_actions, cfg.hidden_sizes).to(device)
+
+    def fresh(s: np.uint32) -> StateDict:
+        return init_state_dict(family.obs_dim, family.n_actions, cfg.hidden_sizes, int(s))
+
     init = list(init) if init is not None else [None] * k
     if len(init) != k:
         raise ValueError(f"got {len(init)} initial parameter sets for {k} tasks")
-    online.load_slots([
-        sd if sd is not None else init_state_dict(family.obs_dim, family.n_actions, cfg.hidden_sizes, int(s))
-        for sd, s in zip(init, seeds[4:], strict=True)
-    ])
-    target = BatchedQNetwork(k, family.obs_dim, family.n_actions, cfg.hidden_sizes).to(device)
+    start_net = network()
+    start_net.load_slots([sd if sd is not None else fresh(s) for sd, s in zip(init, seeds[4:], strict=True)])
+    online = network()
+    online.load_state_dict(start_net.state_dict())
+    shrunk = bool((levers.shrink < 1.0).any())
+    if shrunk:  # shrink-and-perturb towards a fresh network of the slot's own seed
+        noise = network()
+        noise.load_slots([fresh(s) for s in seeds[4:]])
+        levers.shrink_towards(online, noise)
+    target = network()
     target.load_state_dict(online.state_dict())
-    best = BatchedQNetwork(k, family.obs_dim, family.n_actions, cfg.hidden_sizes).to(device)
+    best = network()
     best.load_state_dict(online.state_dict())
-    params = list(online.parameters())
-    optimizer = make_optimizer(params, cfg.learning_rate)
+    updater = Updater(cfg, levers, online, target, start_net if levers.anchor != "none" else None, gen)
 
     env = family.vector_env(tasks.reshape(k * e, -1), 1) if tasks.ndim == 3 else family.vector_env(tasks, e)
     obs_np, _ = env.reset(seed=env_seed)
     obs = torch.as_tensor(obs_np, device=device).view(k, e, -1)
     replay = BatchedReplayBuffer(k, cfg.buffer_size, family.obs_dim, e, device)
+    protected = BatchedReplayBuffer(k, levers.protected_steps, family.obs_dim, e, device) \
+        if levers.protected_steps > 0 else None
     prefilled = 0
     if prefill is not None:
         replay.extend(list(prefill))
@@ -194,45 +259,21 @@ def train_dqn(
     tracker = EpisodeTracker(k, e)
     prev_done = np.zeros(k * e, dtype=bool)
     evaluator = GreedyEvaluator(family, tasks, cfg.eval_episodes, eval_seed, device) if evaluate else None
+    curves = _Curves(k, evaluator, online, best, cfg.early_stop_return)
+    curves.evaluate(0)
+    start_return = curves.start_return(start_net if shrunk else None)
 
-    def policy(o: torch.Tensor) -> torch.Tensor:
-        return online(o).argmax(-1)
-
-    curves: list[tuple[int, int, float]] = []
-    best_return = np.full(k, -np.inf)
-    best_step = np.zeros(k, dtype=np.int64)
-    stopped = False
-
-    def run_eval(step: int) -> None:
-        nonlocal stopped
-        if evaluator is None:
-            return
-        with torch.no_grad():
-            returns = evaluator(policy)
-        curves.extend((slot, step, float(r)) for slot, r in enumerate(returns))
-        improved = returns >= best_return
-        if improved.any():
-            mask = torch.as_tensor(improved, device=device)
-            with torch.no_grad():
-                for b, o in zip(best.parameters(), online.parameters(), strict=True):
-                    b.copy_(torch.where(mask.view(-1, *([1] * (o.dim() - 1))), o, b))
-            best_return[improved] = returns[improved]
-            best_step[improved] = step
-        if cfg.early_stop_return is not None and (best_return >= cfg.early_stop_return).all():
-            stopped = True
-
-    run_eval(0)
     n_iter = math.ceil(cfg.total_steps / e)
+    learn_from = max(cfg.learning_starts - prefilled, 0)
     train_due = 0
-    grad_steps = 0
     next_eval = cfg.eval_interval
     steps = 0
     for _ in range(n_iter):
-        if stopped:
+        if curves.stopped:
             break
-        eps = linear_epsilon(cfg, steps)
+        eps = levers.epsilon(linear_epsilon(cfg, steps), e)
         with torch.no_grad():
-            greedy = policy(obs).reshape(-1).cpu().numpy()
+            greedy = online(obs).argmax(-1).reshape(-1).cpu().numpy()
         actions = epsilon_greedy(greedy, eps, family.n_actions, rng)
         episode, step_idx = tracker.current()
         next_obs_np, reward, term, trunc, _ = env.step(actions)
@@ -241,8 +282,11 @@ def train_dqn(
         def kt(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.as_tensor(x, device=device).to(dtype).view(k, e)
 
-        replay.add(obs, kt(actions, torch.long), kt(reward), next_obs, kt(term), kt(trunc), kt(~prev_done),
-                   kt(episode, torch.long), kt(step_idx, torch.long))
+        row = (obs, kt(actions, torch.long), kt(reward), next_obs, kt(term), kt(trunc), kt(~prev_done),
+               kt(episode, torch.long), kt(step_idx, torch.long))
+        replay.add(*row)
+        if protected is not None and steps < levers.protected_steps:
+            protected.add(*row)
         tracker.advance(prev_done)
         prev_done = term | trunc
         obs = next_obs
@@ -250,34 +294,66 @@ def train_dqn(
         if on_steps is not None:
             on_steps(e)
 
-        if steps + prefilled >= cfg.learning_starts:
+        if steps >= learn_from:
             train_due += e
             while train_due >= cfg.train_frequency:
                 train_due -= cfg.train_frequency
-                for group in optimizer.param_groups:
-                    group["lr"] = linear_learning_rate(cfg, steps)
-                for _ in range(cfg.gradient_steps):
-                    batch = replay.sample(cfg.batch_size, gen)
-                    loss = td_loss(online, target, batch, cfg.gamma, cfg.double_dqn).sum()
-                    optimizer.zero_grad(set_to_none=False)
-                    loss.backward()
-                    clip_grad_norm_per_slot(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    grad_steps += 1
-                    if grad_steps % cfg.target_update_interval == 0:
-                        update_target(target, online, cfg.tau)
+                updater.burst(replay, protected, steps, steps - learn_from)
 
         if steps >= next_eval or steps >= cfg.total_steps:
-            run_eval(steps)
+            curves.evaluate(steps)
             next_eval += cfg.eval_interval
 
     return TrainResult(
-        curves=pd.DataFrame(curves, columns=["slot", "step", "eval_return"]),
+        curves=pd.DataFrame(curves.rows, columns=["slot", "step", "eval_return"]),
         final_params=online.state_dicts(),
         best_params=best.state_dicts() if evaluator is not None else online.state_dicts(),
-        best_return=best_return,
-        best_step=best_step,
+        best_return=curves.best_return,
+        best_step=curves.best_step,
+        start_return=start_return,
         env_steps=steps,
         wall_s=time.perf_counter() - start,
         replay=[replay.latest(slot, keep_replay) for slot in range(k)] if keep_replay else [],
     )
+
+
+class _Curves:
+    """Greedy evaluations of the online network: the learning curve, the best checkpoint, early stopping."""
+
+    def __init__(self, k: int, evaluator: GreedyEvaluator | None, online: BatchedQNetwork, best: BatchedQNetwork,
+                 early_stop_return: float | None):
+        self.evaluator, self.online, self.best, self.early_stop = evaluator, online, best, early_stop_return
+        self.rows: list[tuple[int, int, float]] = []
+        self.best_return = np.full(k, -np.inf)
+        self.best_step = np.zeros(k, dtype=np.int64)
+        self.first = np.full(k, np.nan)
+        self.stopped = False
+
+    def _policy(self, net: BatchedQNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda o: net(o).argmax(-1)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> None:
+        if self.evaluator is None:
+            return
+        returns = self.evaluator(self._policy(self.online))
+        if not self.rows:
+            self.first = returns.copy()
+        self.rows.extend((slot, step, float(r)) for slot, r in enumerate(returns))
+        improved = returns >= self.best_return
+        if improved.any():
+            for b, o in zip(self.best.parameters(), self.online.parameters(), strict=True):
+                mask = torch.as_tensor(improved, device=o.device).view(-1, *([1] * (o.dim() - 1)))
+                b.copy_(torch.where(mask, o, b))
+            self.best_return[improved] = returns[improved]
+            self.best_step[improved] = step
+        if self.early_stop is not None and (self.best_return >= self.early_stop).all():
+            self.stopped = True
+
+    @torch.no_grad()
+    def start_return(self, start: BatchedQNetwork | None) -> np.ndarray:
+        """The start network's evaluation: the step-0 one, unless the online network no longer is the start."""
+        if self.evaluator is None:
+            return np.full(len(self.best_return), np.nan)
+        return self.first.copy() if start is None else self.evaluator(self._policy(start))
+

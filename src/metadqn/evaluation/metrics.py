@@ -52,6 +52,25 @@ def stratified_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: floa
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def task_bootstrap_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: float = 0.95,
+                          n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(IQM, CI low, CI high), resampling whole tasks (each with all its runs) with replacement.
+
+    For comparisons across tasks with one or few runs per task (the fine-tuning search), where the
+    stratified bootstrap, which keeps the tasks fixed, has nothing to resample.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    point = float(iqm(values))
+    groups = _by_task(values, tasks)
+    if len(groups) < 2 or np.ptp(values) == 0:
+        return point, point, point
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(n_resamples, len(groups)))
+    stats_ = np.array([iqm(np.concatenate([groups[i] for i in row])) for row in picks])
+    alpha = (1.0 - confidence) / 2.0
+    return point, float(np.quantile(stats_, alpha)), float(np.quantile(stats_, 1.0 - alpha))
+
+
 def probability_of_improvement(x: np.ndarray, y: np.ndarray, tasks_x: Sequence[str], tasks_y: Sequence[str]) -> float:
     """P(a run of X beats a run of Y on the same task), averaged over the tasks both have."""
     gx = dict(zip(dict.fromkeys(tasks_x), _by_task(x, tasks_x), strict=True))

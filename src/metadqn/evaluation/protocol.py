@@ -18,6 +18,16 @@ were compared; the groups are equal-sized, so they balance across Dask workers; 
 (80 with the default params) is where the batched trainer is most efficient on CPU (measured on 2 cores,
 one thread, 4k-step budget: 480 runs in one batch 94 s, 6 x 80 in 70 s, 3 x 160 in 67 s, 30 x 16 in 94 s).
 
+Fine-tuning configurations. Each meta-learned method fine-tunes with its own configuration (a
+:class:`~metadqn.config.FinetuneConfig`), chosen on validation tasks by the finetune_search stage
+(:mod:`metadqn.evaluation.search`) and read from its DVC-tracked output; scratch always fine-tunes with the
+dqn section (tuned for learning from scratch). The group carries its DQN config and levers.
+
+Frozen controls. Each meta-learned method is also reported as ``<method>-frozen``: its start network with
+no updates. Every evaluation of a learning curve plays the same start states (:class:`GreedyEvaluator`)
+and environments and greedy policies are deterministic, so an unchanged network scores exactly its first
+evaluation at every point: the control's curve is that value repeated, and costs no extra environment step.
+
 Seeds. A group's training seed derives from ``meta_test.seed`` and its (task, seed index) slots only,
 never from the method or from the other groups, so every runner gives the same result, and every method
 fine-tunes under common random numbers: the same environment resets, exploration draws, replay-sample
@@ -39,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from metadqn.config import DQNConfig, Params
+from metadqn.config import FROZEN_SUFFIX, DQNConfig, FinetuneConfig, Params
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import StateDict
 from metadqn.dqn.rollout import collect_transitions
@@ -72,6 +82,16 @@ class ProtocolGroup:
     """Each slot's context transitions (written into its replay buffer before the first step)."""
     seed: int
     """The training seed: from meta_test.seed and the slots only (see :func:`group_seed`)."""
+    cfg: DQNConfig = field(repr=False)
+    """The fine-tuning runs' DQN config (budget T minus the context, the candidate's dqn overrides)."""
+    finetune: FinetuneConfig | list[FinetuneConfig] = field(default_factory=FinetuneConfig)
+    """The fine-tuning levers (all off for scratch), or one config per slot (the search)."""
+    candidate: str = "dqn"
+    """The name of the fine-tuning configuration (a key of meta_test.search.candidates)."""
+    methods: list[str] = field(default_factory=list)
+    """Slot k's method, when a group mixes methods (the search); empty: every slot is ``method``."""
+    candidates: list[str] = field(default_factory=list)
+    """Slot k's configuration, when a group mixes them (the search); empty: every slot is ``candidate``."""
 
 
 @dataclass
@@ -82,6 +102,8 @@ class GroupRun:
     curves: pd.DataFrame
     """Columns slot (within the group), step (fine-tuning steps, context excluded), eval_return."""
     final_params: list[StateDict]
+    start_return: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Each slot's start network's greedy evaluation (the frozen control's value at every point)."""
     wall_s: float = 0.0
 
 
@@ -139,9 +161,9 @@ def group_seed(seed: int, task_ids: Sequence[str], seeds: Sequence[int]) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def finetune_config(params: Params) -> DQNConfig:
-    """The DQN config of every fine-tuning run: budget T minus the context's C steps."""
-    return params.meta_test.dqn(params.dqn, params.meta_train.context_size)
+def finetune_config(params: Params, finetune: FinetuneConfig | None = None) -> DQNConfig:
+    """A fine-tuning run's DQN config: budget T minus the context's C steps, the candidate's dqn overrides."""
+    return params.meta_test.dqn(params.dqn, params.meta_train.context_size, finetune)
 
 
 def check_equal_budgets(curves: pd.DataFrame, budget: int) -> None:
@@ -151,18 +173,46 @@ def check_equal_budgets(curves: pd.DataFrame, budget: int) -> None:
         raise AssertionError(f"unequal budgets across runs: {grids.value_counts().to_dict()} (budget {budget})")
 
 
-def plan_groups(params: Params, tests: pd.DataFrame, models: Path) -> list[ProtocolGroup]:
-    """Contexts, initial networks and seeds of every run, as one group per available method."""
+Choice = tuple[str, FinetuneConfig]
+"""A fine-tuning configuration: its name and its levers."""
+SCRATCH_CHOICE: Choice = ("dqn", FinetuneConfig())
+
+
+def initial_networks(params: Params, tasks: pd.DataFrame, models: Path, methods: Sequence[str], n_seeds: int,
+                     seed: int) -> tuple[dict[str, list[StateDict | None]], list[dict[str, np.ndarray]]]:
+    """Every method's initial network and the shared context of each (seed index, task) slot, seed-major.
+
+    The contexts of seed index s come from ``context_seed(seed, s)`` and are the same for every method.
+    """
+    family = params.family.family()
+    c = params.meta_train.context_size
+    matrix = task_matrix(tasks, family)
+    physics = torch.as_tensor(oracle_features(tasks, family))
+    ctx = [contexts(family, matrix, c, context_seed(seed, s)) for s in range(n_seeds)]
+    feats = [torch.as_tensor(np.stack([features_from_arrays(tr, family) for tr in ctx_s])) for ctx_s in ctx]
+    n = len(tasks)
+    init: dict[str, list[StateDict | None]] = {}
+    for m in methods:
+        model = None if m == "scratch" else MetaModel.load(models / m)
+        init[m] = []
+        for s in range(n_seeds):
+            init[m].extend([None] * n if model is None else
+                           model.initial_params(context=feats[s], physics=physics, n_tasks=n))
+    return init, [tr for ctx_s in ctx for tr in ctx_s]
+
+
+def plan_groups(params: Params, tests: pd.DataFrame, models: Path,
+                choices: dict[str, Choice] | None = None) -> list[ProtocolGroup]:
+    """Contexts, initial networks, seeds and fine-tuning configs of every run, one group per available method.
+
+    ``choices[method]`` is the method's fine-tuning configuration (default, and always for scratch: the
+    dqn section with no levers).
+    """
     family = params.family.family()
     mt = params.meta_test
-    c = params.meta_train.context_size
-    matrix = task_matrix(tests, family)
-    physics = torch.as_tensor(oracle_features(tests, family))
     methods = available_methods(params, models)
-    loaded = {m: MetaModel.load(models / m) for m in methods if m != "scratch"}
-    ctx = [contexts(family, matrix, c, context_seed(mt.seed, s)) for s in range(mt.seeds)]
-    feats = [torch.as_tensor(np.stack([features_from_arrays(tr, family) for tr in ctx_s])) for ctx_s in ctx]
-
+    init, prefill = initial_networks(params, tests, models, methods, mt.seeds, mt.seed)
+    matrix = task_matrix(tests, family)
     n = len(tests)
     task_ids = [tid for _ in range(mt.seeds) for tid in tests["task_id"]]
     seeds = [s for s in range(mt.seeds) for _ in range(n)]
@@ -170,39 +220,46 @@ def plan_groups(params: Params, tests: pd.DataFrame, models: Path) -> list[Proto
     seed = group_seed(mt.seed, task_ids, seeds)
     groups = []
     for m in methods:
-        init: list[StateDict | None] = []
-        for s in range(mt.seeds):
-            init.extend([None] * n if m == "scratch" else
-                        loaded[m].initial_params(context=feats[s], physics=physics, n_tasks=n))
-        groups.append(ProtocolGroup(method=m, task_ids=task_ids, seeds=seeds, tasks=matrix[rows], init=init,
-                                    prefill=[ctx[s][t] for s, t in zip(seeds, rows, strict=True)], seed=seed))
+        name, ft = SCRATCH_CHOICE if m == "scratch" else (choices or {}).get(m, SCRATCH_CHOICE)
+        groups.append(ProtocolGroup(method=m, task_ids=task_ids, seeds=seeds, tasks=matrix[rows], init=init[m],
+                                    prefill=prefill, seed=seed, cfg=finetune_config(params, ft), finetune=ft,
+                                    candidate=name))
     return groups
 
 
-def finetune_group(family: Family, group: ProtocolGroup, cfg: DQNConfig, show_progress: bool = True) -> GroupRun:
+def finetune_group(family: Family, group: ProtocolGroup, show_progress: bool = True) -> GroupRun:
     """Fine-tunes every slot of one group in one batched trainer run (a pure function of its arguments)."""
     start = time.perf_counter()
-    desc = f"fine-tuning {group.method} ({len(group.task_ids)} runs)"
-    with Progress(cfg.total_steps, desc) if show_progress else contextlib.nullcontext() as bar:
-        result = train_dqn(family, group.tasks, cfg, group.seed, init=group.init, prefill=group.prefill,
-                           on_steps=bar.advance if bar is not None else None)
-    return GroupRun(group.method, result.curves, result.final_params, time.perf_counter() - start)
+    desc = f"fine-tuning {group.method} [{group.candidate}] ({len(group.task_ids)} runs)"
+    with Progress(group.cfg.total_steps, desc) if show_progress else contextlib.nullcontext() as bar:
+        result = train_dqn(family, group.tasks, group.cfg, group.seed, init=group.init, prefill=group.prefill,
+                           on_steps=bar.advance if bar is not None else None, finetune=group.finetune)
+    return GroupRun(group.method, result.curves, result.final_params, result.start_return,
+                    time.perf_counter() - start)
 
 
-def run_protocol(params: Params, store: TaskStore, models: Path,
-                 map_groups: GroupMapper = run_in_process) -> ProtocolResult:
-    """The whole protocol. ``map_groups`` trains the groups (in process, Prefect threads, Dask)."""
+def frozen_curves(curves: pd.DataFrame, start_return: np.ndarray) -> pd.DataFrame:
+    """The frozen-start control of a group: each slot's start evaluation at every evaluation step."""
+    frozen = curves[["slot", "step"]].copy()
+    frozen["eval_return"] = start_return[frozen["slot"].to_numpy()]
+    return frozen
+
+
+def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: GroupMapper = run_in_process,
+                 choices: dict[str, Choice] | None = None) -> ProtocolResult:
+    """The whole protocol. ``map_groups`` trains the groups (in process, Prefect threads, Dask);
+    ``choices`` are the meta-learned methods' fine-tuning configurations (from the search)."""
     family = params.family.family()
     mt = params.meta_test
     c = params.meta_train.context_size
     tests = pd.concat([store.tasks(s) for s in TEST_SPLITS], ignore_index=True)
-    groups = plan_groups(params, tests, models)
-    cfg = finetune_config(params)
+    groups = plan_groups(params, tests, models, choices)
     log.info("meta-test: %d tasks x %d methods x %d seeds = %d runs of %d steps (+%d context), one group per "
-             "method", len(tests), len(groups), mt.seeds, sum(len(g.task_ids) for g in groups), cfg.total_steps, c)
+             "method; configurations: %s", len(tests), len(groups), mt.seeds, sum(len(g.task_ids) for g in groups),
+             mt.budget_steps - c, c, ", ".join(f"{g.method}={g.candidate}" for g in groups))
 
     def fn(group: ProtocolGroup) -> GroupRun:
-        return finetune_group(family, group, cfg)
+        return finetune_group(family, group)
 
     results = map_groups(fn, groups)
     if [r.method for r in results] != [g.method for g in groups]:
@@ -210,12 +267,19 @@ def run_protocol(params: Params, store: TaskStore, models: Path,
 
     split = dict(zip(tests["task_id"], tests["split"], strict=True))
     runs, curves, final_params = [], [], []
-    for group, res in zip(groups, results, strict=True):
+
+    def add(method: str, group: ProtocolGroup, curve: pd.DataFrame, params_: list[StateDict]) -> None:
         offset = len(runs)
-        runs.extend({"slot": offset + k, "task_id": tid, "split": split[tid], "method": group.method, "seed": s}
+        runs.extend({"slot": offset + k, "task_id": tid, "split": split[tid], "method": method, "seed": s}
                     for k, (tid, s) in enumerate(zip(group.task_ids, group.seeds, strict=True)))
-        curves.append(res.curves.assign(slot=res.curves["slot"] + offset))
-        final_params.extend(res.final_params)
+        curves.append(curve.assign(slot=curve["slot"] + offset))
+        final_params.extend(params_)
+
+    for group, res in zip(groups, results, strict=True):
+        add(group.method, group, res.curves, res.final_params)
+        if mt.frozen_controls and group.method != "scratch":
+            starts = [sd for sd in group.init if sd is not None]  # meta-learned starts are never None
+            add(group.method + FROZEN_SUFFIX, group, frozen_curves(res.curves, res.start_return), starts)
     frame = pd.DataFrame(runs)
     expert = store.expert_returns(list(tests["task_id"]))
     curve = pd.concat(curves, ignore_index=True).merge(frame, on="slot")

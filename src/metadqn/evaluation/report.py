@@ -2,10 +2,15 @@
 scripts, renders offline) and ``reports/report.md`` (figures under ``reports/figures/``).
 
 Sections: what was run (family, splits, task counts, seeds, budgets, params digest, git commit, DVC data
-hash), headline table per split, learning curves (IQM with shaded 95% CI per method, a panel per
-split), zero-shot bars with CIs, per-task scatter of each method against scratch, siamese retrieval
-quality, expert returns, and a plain-language verdict stating which differences are significant
-(non-overlapping 95% CIs).
+hash), headline table per split (every meta-learned method followed by its frozen-start control), learning
+curves (IQM with a shaded CI per method, its frozen start dashed, a panel per split), zero-shot bars with
+CIs, per-task scatter of each method against scratch, siamese retrieval quality, expert returns, the
+fine-tuning configuration search on validation tasks, and a plain-language verdict. Differences against
+scratch are significant when the CI of the paired per-(task, seed) AUC difference excludes zero. The
+threshold and the confidence level come from ``params.meta_test``.
+
+Every input added with the frozen controls and the configuration search (``-frozen`` methods, regret,
+paired differences, ``reports/finetune/``) is optional: without it that part is left out.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +31,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import yaml
+from matplotlib.lines import Line2D
 
 from metadqn import paths
-from metadqn.config import Params
+from metadqn.config import FROZEN_SUFFIX, MetaTestConfig, Params
 from metadqn.data.io import atomic_path, dvc_md5, write_text
-from metadqn.evaluation.metrics import stratified_iqm_ci
+from metadqn.evaluation.metrics import iqm, stratified_iqm_ci
 
+SEARCH_SECTION = "Fine-tuning configuration search (validation tasks)"
 SECTIONS = ("What was run", "Headline results", "Learning curves", "Zero-shot return", "Per-task comparison",
-            "Siamese retrieval", "Expert returns", "Verdict")
+            "Siamese retrieval", "Expert returns", SEARCH_SECTION, "Verdict")
 SPLIT_NAMES = {"interp": "interpolation", "extrap": "extrapolation"}
+METHOD_ORDER = ("scratch", "hypernet", "hypernet-oracle", "siamese", "reptile", "multitask")
 COLORS = {"hypernet": "#1f77b4", "hypernet-oracle": "#aec7e8", "siamese": "#2ca02c", "reptile": "#9467bd",
           "multitask": "#ff7f0e", "scratch": "#7f7f7f"}
 
@@ -45,29 +55,102 @@ class ReportResult:
     figures: list[Path]
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
+def pct(x: float) -> str:
+    """0.9 -> '90%', 0.975 -> '97.5%'."""
+    return f"{100 * x:.4g}%"
+
+
+def is_frozen(method: str) -> bool:
+    return method.endswith(FROZEN_SUFFIX)
+
+
+def base_method(method: str) -> str:
+    return method.removesuffix(FROZEN_SUFFIX)
+
+
+def color(method: str) -> str:
+    """A frozen control takes its base method's colour."""
+    return COLORS.get(base_method(method), "#333333")
+
+
+def ordered_methods(methods: Iterable[str]) -> list[str]:
+    """scratch, then the meta-learners (known ones first), each followed by its frozen control if present."""
+    methods = list(dict.fromkeys(methods))
+    bases = sorted((m for m in methods if not is_frozen(m)),
+                   key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    out: list[str] = []
+    for m in bases:
+        out.append(m)
+        if m + FROZEN_SUFFIX in methods:
+            out.append(m + FROZEN_SUFFIX)
+    return out + sorted(m for m in methods if m not in out)
+
+
+def _split_methods(metrics: Mapping[str, Any], split: str) -> dict[str, dict[str, Any]]:
+    ms = metrics.get(split, {})
+    return {m: ms[m] for m in ordered_methods(ms)} if isinstance(ms, dict) else {}
+
+
+def _fmt(v: Any, digits: int = 2, sign: bool = False) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "n/a"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    if isinstance(v, (float, np.floating)):
+        return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+    return str(v)
 
 
-def _ci(m: dict[str, Any], key: str, digits: int = 2) -> str:
-    return f"{_fmt(m[f'{key}_iqm'], digits)} [{_fmt(m[f'{key}_ci_low'], digits)}, {_fmt(m[f'{key}_ci_high'], digits)}]"
+def _ci(m: Mapping[str, Any], key: str, digits: int = 2, sign: bool = False, point: str = "_iqm") -> str:
+    """'point [low, high]' of ``key``; '-' where the entry lacks it (e.g. scratch has no difference to itself)."""
+    if f"{key}{point}" not in m:
+        return "-"
+    return (f"{_fmt(m[f'{key}{point}'], digits, sign)} [{_fmt(m.get(f'{key}_ci_low'), digits, sign)}, "
+            f"{_fmt(m.get(f'{key}_ci_high'), digits, sign)}]")
 
 
-def headline_table(metrics: dict[str, Any], split: str) -> str:
-    """A markdown table: one row per method."""
-    rows = ["| method | zero-shot IQM [95% CI] | AUC IQM [95% CI] | steps to 90% IQM [95% CI] | censored | "
-            "steps ratio vs scratch | P(AUC > scratch) |", "|---|---|---|---|---|---|---|"]
-    for method, m in metrics.get(split, {}).items():
-        rows.append(f"| {method} | {_ci(m, 'zero_shot')} | {_ci(m, 'auc')} | {_ci(m, 'steps_to_threshold', 0)} | "
-                    f"{100 * m['censored_fraction']:.0f}% | {_fmt(m['steps_ratio_vs_scratch'])} | "
-                    f"{_fmt(m['prob_improvement_vs_scratch'])} |")
+def _has(ms: Mapping[str, Mapping[str, Any]], key: str) -> bool:
+    return any(key in m for m in ms.values())
+
+
+def headline_table(metrics: Mapping[str, Any], split: str, *, threshold: float) -> str:
+    """A markdown table: one row per method, each frozen control right after its method.
+
+    Columns that an (older) metrics.json lacks for every method of the split are left out.
+    """
+    ms = _split_methods(metrics, split)
+    cols: list[tuple[str, Any]] = [
+        ("method", lambda n, m: n),
+        ("zero-shot", lambda n, m: _ci(m, "zero_shot")),
+        ("AUC", lambda n, m: _ci(m, "auc")),
+    ]
+    if _has(ms, "final_iqm"):
+        cols.append(("final", lambda n, m: _ci(m, "final")))
+    if _has(ms, "regret_iqm"):
+        cols.append(("regret (1 - AUC)", lambda n, m: _ci(m, "regret")))
+    if _has(ms, "auc_diff_vs_scratch"):
+        cols.append(("AUC diff vs scratch (paired)",
+                     lambda n, m: _ci(m, "auc_diff_vs_scratch", sign=True, point="")))
+    cols += [(f"steps to {pct(threshold)}", lambda n, m: _ci(m, "steps_to_threshold", 0)),
+             ("censored", lambda n, m: f"{100 * m['censored_fraction']:.0f}%" if m.get("censored_fraction")
+              is not None else "n/a")]
+    rows = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for name, m in ms.items():
+        rows.append("| " + " | ".join(str(f(name, m)) for _, f in cols) + " |")
     return "\n".join(rows)
 
 
-def _compare(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
-    """0: a's 95% CI lies above b's, 1: below, 2: they overlap (not significant)."""
+def headline_caption(metrics: Mapping[str, Any], split: str, *, confidence: float) -> str:
+    ms = _split_methods(metrics, split)
+    parts = [f"IQM over (task, seed) runs [{pct(confidence)} stratified-bootstrap CI]."]
+    if any(is_frozen(m) for m in ms):
+        parts.append("`M-frozen`: M's meta-learned start evaluated with no updates (flat curve).")
+    if _has(ms, "auc_diff_vs_scratch"):
+        parts.append("AUC diff vs scratch: IQM of the paired per-(task, seed) difference, method minus scratch "
+                     "(common random numbers).")
+    return " ".join(parts)
+
+
+def _compare(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> int:
+    """0: a's CI lies above b's, 1: below, 2: they overlap (not significant)."""
     if a[f"{key}_ci_low"] > b[f"{key}_ci_high"]:
         return 0
     if a[f"{key}_ci_high"] < b[f"{key}_ci_low"]:
@@ -75,44 +158,173 @@ def _compare(a: dict[str, Any], b: dict[str, Any], key: str) -> int:
     return 2
 
 
-def verdict(metrics: dict[str, Any]) -> list[str]:
-    """Plain-language statements; a difference counts as significant when the 95% CIs do not overlap."""
+def _sign_test(low: float | None, high: float | None) -> int:
+    """0: the CI of a difference lies above zero, 1: below zero, 2: it contains zero (or is unknown)."""
+    if low is not None and low > 0:
+        return 0
+    if high is not None and high < 0:
+        return 1
+    return 2
+
+
+def frozen_differences(scores: pd.DataFrame, cfg: MetaTestConfig) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """``{(split, M): (IQM, CI low, CI high)}`` of the paired per-(task, seed) AUC difference M minus M-frozen."""
+    out: dict[tuple[str, str], tuple[float, float, float]] = {}
+    if scores.empty or not {"split", "method", "task_id", "seed", "auc"} <= set(scores.columns):
+        return out
+    for split, sg in scores.groupby("split", sort=True):
+        present = set(sg["method"])
+        for method in sorted(m for m in present if not is_frozen(m) and m + FROZEN_SUFFIX in present):
+            key = ["task_id", "seed"]
+            pair = sg[sg["method"] == method][[*key, "auc"]].merge(
+                sg[sg["method"] == method + FROZEN_SUFFIX][[*key, "auc"]], on=key, suffixes=("", "_frozen"))
+            if len(pair):
+                out[(str(split), method)] = stratified_iqm_ci(
+                    (pair["auc"] - pair["auc_frozen"]).to_numpy(float), pair["task_id"].to_numpy(),
+                    cfg.confidence, cfg.bootstrap_resamples, cfg.seed)
+    return out
+
+
+def verdict(metrics: Mapping[str, Any], *, threshold: float, confidence: float,
+            frozen_diffs: Mapping[tuple[str, str], tuple[float, float, float]] | None = None) -> list[str]:
+    """Plain-language statements at the ``confidence`` level.
+
+    Against scratch: from the CI of the paired AUC difference (``auc_diff_vs_scratch``) where metrics.json
+    has it, else from non-overlapping CIs. Fine-tuning against the frozen start: from the paired difference
+    in ``frozen_diffs`` where given, else a plain comparison of the AUC IQMs.
+    """
+    conf = pct(confidence)
+    frozen_diffs = frozen_diffs or {}
     lines = []
     for split in ("interp", "extrap"):
-        ms = metrics.get(split, {})
+        ms = _split_methods(metrics, split)
         if "scratch" not in ms:
             continue
         name = SPLIT_NAMES[split]
         s = ms["scratch"]
         for method, m in ms.items():
-            if method == "scratch":
+            if method == "scratch" or is_frozen(method):
                 continue
             zs = ("significantly better than scratch", "significantly worse than scratch",
                   "not significantly different from scratch")[_compare(m, s, "zero_shot")]
-            auc = ("learns significantly faster (AUC)", "learns significantly slower (AUC)",
-                   "is not significantly different in AUC")[_compare(m, s, "auc")]
-            ratio = m["steps_ratio_vs_scratch"]
+            if "auc_diff_vs_scratch" in m:
+                auc = ("has a significantly higher AUC than scratch", "has a significantly lower AUC than scratch",
+                       "is not significantly different from scratch in AUC")[
+                    _sign_test(m.get("auc_diff_vs_scratch_ci_low"), m.get("auc_diff_vs_scratch_ci_high"))]
+                auc += (f" (paired AUC difference {_ci(m, 'auc_diff_vs_scratch', sign=True, point='')}, "
+                        f"{conf} CI)")
+            else:
+                auc = ("learns significantly faster (AUC)", "learns significantly slower (AUC)",
+                       "is not significantly different in AUC")[_compare(m, s, "auc")]
+                auc += f" (overlap of the {conf} CIs)"
+            ratio = m.get("steps_ratio_vs_scratch")
             ratio_txt = ""
             if ratio:
-                ratio_txt = f"; it reaches 90% of the expert in {1 / ratio:.2g}x scratch's steps"
+                ratio_txt = f"; it reaches {pct(threshold)} of the expert in {1 / ratio:.2g}x scratch's steps"
+            dip = ""
+            if m.get("min_curve_iqm") is not None:
+                dip = f"; its IQM curve's lowest point after the context is {_fmt(m['min_curve_iqm'])}"
             lines.append(f"On {name} tasks, **{method}** starts at {_fmt(m['zero_shot_iqm'])} of the expert's "
-                         f"return (IQM), {zs}, and {auc}{ratio_txt}.")
+                         f"return (IQM), {zs} at zero-shot (overlap of the {conf} CIs), and {auc}"
+                         f"{ratio_txt}{dip}.")
+            frozen = ms.get(method + FROZEN_SUFFIX)
+            if frozen is not None:
+                lines.append(_frozen_line(name, method, m, frozen, frozen_diffs.get((split, method)), conf))
         for a, b in (("hypernet", "multitask"), ("hypernet", "siamese")):
             if a in ms and b in ms:
                 ma, mb = ms[a], ms[b]
                 sig = _compare(ma, mb, "zero_shot") != 2
                 lines.append(f"On {name} tasks, {a} vs {b} zero-shot: {_fmt(ma['zero_shot_iqm'])} vs "
-                             f"{_fmt(mb['zero_shot_iqm'])}, {'a' if sig else 'not a'} significant difference.")
-    lines.append("Steps to threshold of runs that never reached 90% are counted at the budget (censored), so "
-                 "ratios against a mostly censored scratch are lower bounds.")
+                             f"{_fmt(mb['zero_shot_iqm'])}, {'a' if sig else 'not a'} significant difference "
+                             f"(overlap of the {conf} CIs).")
+    lines.append(f"Steps to threshold of runs that never reached {pct(threshold)} of the expert are counted at "
+                 "the budget (censored), so ratios against a mostly censored scratch are lower bounds.")
     return lines
 
 
-def _curve_bands(curves: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+def _frozen_line(name: str, method: str, m: Mapping[str, Any], frozen: Mapping[str, Any],
+                 paired: tuple[float, float, float] | None, conf: str) -> str:
+    if paired is not None:
+        point, lo, hi = paired
+        what = ("improved significantly on", "made significantly worse",
+                "did not significantly change")[_sign_test(lo, hi)]
+        txt = (f"On {name} tasks, fine-tuning {what} {method}'s frozen start: paired AUC difference "
+               f"fine-tuned minus frozen {_fmt(point, sign=True)} [{_fmt(lo, sign=True)}, {_fmt(hi, sign=True)}] "
+               f"(IQM, {conf} CI)")
+    else:
+        a, f = m.get("auc_iqm"), frozen.get("auc_iqm")
+        if a is None or f is None:
+            what = "cannot be compared with"
+        else:
+            what = "has a higher AUC IQM than" if a > f else "has a lower AUC IQM than" if a < f else \
+                "has the same AUC IQM as"
+        txt = (f"On {name} tasks, fine-tuned {method} {what} its frozen start: AUC IQM {_fmt(a)} vs {_fmt(f)} "
+               "(IQMs only, no paired interval)")
+    if "auc_diff_vs_scratch" in frozen:
+        vs = ("significantly better than", "significantly worse than", "not significantly different from")[
+            _sign_test(frozen.get("auc_diff_vs_scratch_ci_low"), frozen.get("auc_diff_vs_scratch_ci_high"))]
+        txt += (f"; the frozen start alone is {vs} scratch in AUC (paired difference "
+                f"{_ci(frozen, 'auc_diff_vs_scratch', sign=True, point='')}, {conf} CI)")
+    return txt + "."
+
+
+def search_table(search: pd.DataFrame) -> str:
+    """A markdown table of the configuration search: per method its candidates, the selected one in bold."""
+    def cell(row: Mapping[str, Any], key: str, digits: int = 2) -> str:
+        v = row.get(key)
+        return _fmt(float(v), digits) if v is not None and not pd.isna(v) else "n/a"
+
+    def ci(row: Mapping[str, Any], key: str) -> str:
+        return f"{cell(row, f'{key}_iqm')} [{cell(row, f'{key}_ci_low')}, {cell(row, f'{key}_ci_high')}]"
+
+    rows = ["| method | candidate | runs | zero-shot | AUC | final | min curve | selected |",
+            "|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(ordered_methods(search["method"].astype(str)))}
+    frame = search.assign(_order=search["method"].astype(str).map(order)).sort_values("_order", kind="stable")
+    for row in frame.to_dict("records"):
+        chosen = _truthy(row.get("selected"))
+        cand = str(row.get("candidate", "n/a"))
+        runs = row.get("runs")
+        rows.append(f"| {row['method']} | {f'**{cand}**' if chosen else cand} | "
+                    f"{int(runs) if runs is not None and not pd.isna(runs) else 'n/a'} | "
+                    f"{cell(row, 'zero_shot_iqm')} | {ci(row, 'auc')} | {ci(row, 'final')} | "
+                    f"{cell(row, 'min_curve_iqm')} | {'**yes**' if chosen else ''} |")
+    return "\n".join(rows)
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v) and not pd.isna(v)
+
+
+def search_text(confidence: float) -> str:
+    return ("Fine-tuning configurations were chosen on validation tasks only (the interpolation and "
+            "extrapolation test tasks played no part), per method by AUC IQM; the selected candidate is in "
+            f"bold. Intervals: {pct(confidence)} stratified-bootstrap CIs. scratch keeps the `dqn` section's "
+            "configuration (tuned for learning from scratch).")
+
+
+def selected_lines(selected: Mapping[str, Any]) -> list[str]:
+    out = []
+    for method in ordered_methods(selected):
+        entry = selected[method] or {}
+        config = entry.get("config") or {}
+        levers = ", ".join(f"{k}={v}" for k, v in config.items()) or "no overrides"
+        out.append(f"{method}: `{entry.get('candidate', 'n/a')}` ({levers})")
+    return out
+
+
+def _curve_bands(curves: pd.DataFrame, confidence: float, resamples: int, seed: int) -> pd.DataFrame:
+    """IQM and CI per (split, method, step); frozen controls get the IQM only (no band is drawn)."""
     rows = []
     for (split, method, step), g in curves.groupby(["split", "method", "step"], sort=True):
-        point, lo, hi = stratified_iqm_ci(g["normalised_return"].to_numpy(float), g["task_id"].to_numpy(), 0.95,
-                                          resamples, seed)
+        values = g["normalised_return"].to_numpy(float)
+        if is_frozen(str(method)):
+            point = float(iqm(values))
+            lo = hi = point
+        else:
+            point, lo, hi = stratified_iqm_ci(values, g["task_id"].to_numpy(), confidence, resamples, seed)
         rows.append({"split": split, "method": method, "step": step, "iqm": point, "low": lo, "high": hi})
     return pd.DataFrame(rows)
 
@@ -125,33 +337,48 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def figure_curves(bands: pd.DataFrame, path: Path) -> Path:
+def figure_curves(bands: pd.DataFrame, path: Path, *, threshold: float, confidence: float) -> Path:
     splits = [s for s in ("interp", "extrap") if s in set(bands["split"])]
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False, sharey=True)
+    legend: dict[str, Any] = {}
+    any_frozen = False
     for ax, split in zip(axes[0], splits, strict=True):
-        for method, g in bands[bands["split"] == split].groupby("method"):
-            c = COLORS.get(method)
-            ax.plot(g["step"], g["iqm"], label=method, color=c)
+        d = bands[bands["split"] == split]
+        for method in ordered_methods(d["method"]):
+            g = d[d["method"] == method].sort_values("step")
+            c = color(method)
+            if is_frozen(method):
+                any_frozen = True
+                ax.plot(g["step"], g["iqm"], ls="--", lw=1.2, color=c)
+                continue
+            legend.setdefault(method, ax.plot(g["step"], g["iqm"], color=c)[0])
             ax.fill_between(g["step"], g["low"], g["high"], alpha=0.2, color=c)
-        ax.axhline(0.9, ls="--", lw=0.8, color="k")
+        legend.setdefault("threshold", ax.axhline(threshold, ls=":", lw=0.8, color="k"))
         ax.set_title(f"{SPLIT_NAMES[split]} tasks")
         ax.set_xlabel("environment steps (context included)")
-        ax.set_ylabel("normalised return (IQM, 95% CI)")
-    axes[0][0].legend(fontsize=8)
+        ax.set_ylabel(f"normalised return (IQM, {pct(confidence)} CI)")
+    labels = [k if k != "threshold" else f"threshold ({pct(threshold)})" for k in legend]
+    handles = list(legend.values())
+    if any_frozen:
+        handles.append(Line2D([], [], ls="--", color="k"))
+        labels.append("dashed: frozen start (same colour)")
+    axes[0][0].legend(handles, labels, fontsize=8)
     return _save(fig, path)
 
 
-def figure_zero_shot(metrics: dict[str, Any], path: Path) -> Path:
+def figure_zero_shot(metrics: Mapping[str, Any], path: Path, *, confidence: float) -> Path:
+    """Zero-shot bars; frozen controls are left out (their zero-shot is their method's by construction)."""
     splits = [s for s in ("interp", "extrap") if s in metrics]
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 3.5), squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits, strict=True):
-        names = list(metrics[split])
-        iqm = [metrics[split][n]["zero_shot_iqm"] for n in names]
-        lo = [iqm[i] - metrics[split][n]["zero_shot_ci_low"] for i, n in enumerate(names)]
-        hi = [metrics[split][n]["zero_shot_ci_high"] - iqm[i] for i, n in enumerate(names)]
-        ax.bar(names, iqm, yerr=[lo, hi], capsize=4, color=[COLORS.get(n, "#333") for n in names])
+        ms = _split_methods(metrics, split)
+        names = [n for n in ms if not is_frozen(n)]
+        iqms = [ms[n]["zero_shot_iqm"] for n in names]
+        lo = [iqms[i] - ms[n]["zero_shot_ci_low"] for i, n in enumerate(names)]
+        hi = [ms[n]["zero_shot_ci_high"] - iqms[i] for i, n in enumerate(names)]
+        ax.bar(names, iqms, yerr=[lo, hi], capsize=4, color=[color(n) for n in names])
         ax.set_title(f"zero-shot, {SPLIT_NAMES[split]} tasks")
-        ax.set_ylabel("normalised return (IQM, 95% CI)")
+        ax.set_ylabel(f"normalised return (IQM, {pct(confidence)} CI)")
         ax.tick_params(axis="x", rotation=30)
     return _save(fig, path)
 
@@ -163,21 +390,23 @@ def figure_scatter(scores: pd.DataFrame, path: Path) -> Path:
     for ax, split in zip(axes[0], splits, strict=True):
         d = per_task[per_task["split"] == split]
         base = d[d["method"] == "scratch"].set_index("task_id")["auc"]
-        for method, g in d[d["method"] != "scratch"].groupby("method"):
-            g = g.set_index("task_id")
-            ax.scatter(base.reindex(g.index), g["auc"], label=method, s=18, color=COLORS.get(method))
+        for method in ordered_methods(d["method"]):
+            if method == "scratch" or is_frozen(method):
+                continue
+            g = d[d["method"] == method].set_index("task_id")
+            ax.scatter(base.reindex(g.index), g["auc"], label=method, s=18, color=color(method))
         lim = [0, max(1.05, float(d["auc"].max()) + 0.05)]
         ax.plot(lim, lim, "k--", lw=0.8)
         ax.set_xlim(lim)
         ax.set_ylim(lim)
         ax.set_xlabel("scratch: normalised AUC (mean over seeds)")
-        ax.set_ylabel("method: normalised AUC")
+        ax.set_ylabel("method (fine-tuned): normalised AUC")
         ax.set_title(f"per task, {SPLIT_NAMES[split]}")
     axes[0][0].legend(fontsize=8)
     return _save(fig, path)
 
 
-def figure_retrieval(meta_train: dict[str, Any], path: Path) -> Path:
+def figure_retrieval(meta_train: Mapping[str, Any], path: Path) -> Path:
     s = meta_train.get("siamese", {})
     fig, ax = plt.subplots(figsize=(4, 3))
     vals = [s.get("top1_retrieval", np.nan), s.get("random_top1", np.nan)]
@@ -188,7 +417,7 @@ def figure_retrieval(meta_train: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def figure_experts(collect: dict[str, Any], path: Path, solved: float) -> Path:
+def figure_experts(collect: Mapping[str, Any], path: Path, solved: float) -> Path:
     frame = pd.DataFrame([{"task_id": k, **v} for k, v in collect["tasks"].items()])
     fig, ax = plt.subplots(figsize=(8, 3))
     order = ["train", "val", "interp", "extrap"]
@@ -216,51 +445,105 @@ def _data_hash() -> str:
     return dvc_md5(paths.TRAJECTORIES) if paths.TRAJECTORIES.exists() else "unknown"
 
 
-def build_report(params: Params, out_dir: Path = Path("reports")) -> ReportResult:
+def _md_inline_to_html(text: str) -> str:
+    """Escapes ``text`` and renders its **bold** and `code` spans."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def md_table_to_html(table: str) -> str:
+    lines = [r.strip().strip("|").split("|") for r in table.splitlines() if not r.startswith("|---")]
+    head, *body = lines
+    return ("<table><tr>" + "".join(f"<th>{_md_inline_to_html(c.strip())}</th>" for c in head) + "</tr>" +
+            "".join("<tr>" + "".join(f"<td>{_md_inline_to_html(c.strip())}</td>" for c in r) + "</tr>"
+                    for r in body) + "</table>")
+
+
+def build_report(
+    params: Params,
+    out_dir: Path = Path("reports"),
+    *,
+    metrics_path: Path = paths.METRICS,
+    curves_path: Path = paths.META_TEST_CURVES_PARQUET,
+    scores_path: Path = paths.META_TEST_SCORES,
+    meta_train_path: Path = paths.META_TRAIN_METRICS,
+    collect_path: Path = paths.COLLECT_METRICS,
+    tasks_path: Path = paths.TASKS,
+    search_path: Path = paths.FINETUNE_SEARCH,
+    selected_path: Path = paths.FINETUNE_SELECTED,
+) -> ReportResult:
+    """Writes ``out_dir/report.html``, ``out_dir/report.md`` and ``out_dir/figures/``.
+
+    ``meta_train_path``, ``search_path`` and ``selected_path`` are optional inputs (left out when absent).
+    """
     from metadqn.tracking.runs import git_commit, stage_run
 
-    metrics = json.loads(paths.METRICS.read_text())
-    curves = pd.read_parquet(paths.META_TEST_CURVES_PARQUET)
-    scores = pd.read_csv(paths.META_TEST_SCORES)
-    meta_train = json.loads(paths.META_TRAIN_METRICS.read_text()) if paths.META_TRAIN_METRICS.exists() else {}
-    collect = json.loads(paths.COLLECT_METRICS.read_text())
-    tasks = pd.read_parquet(paths.TASKS)
+    cfg = params.meta_test
+    threshold, confidence = cfg.threshold, cfg.confidence
+    metrics = json.loads(Path(metrics_path).read_text())
+    curves = pd.read_parquet(curves_path)
+    scores = pd.read_csv(scores_path)
+    meta_train = json.loads(Path(meta_train_path).read_text()) if Path(meta_train_path).exists() else {}
+    collect = json.loads(Path(collect_path).read_text())
+    tasks = pd.read_parquet(tasks_path)
+    search = pd.read_csv(search_path) if Path(search_path).exists() else None
+    if search is not None and (search.empty or "method" not in search.columns):
+        search = None
+    selected = json.loads(Path(selected_path).read_text()) if Path(selected_path).exists() else {}
     family = params.family.family()
     fig_dir = out_dir / "figures"
-    bands = _curve_bands(curves, max(200, params.meta_test.bootstrap_resamples // 4), params.meta_test.seed)
+    bands = _curve_bands(curves, confidence, max(200, cfg.bootstrap_resamples // 4), cfg.seed)
     figs = {
-        "Learning curves": figure_curves(bands, fig_dir / "learning_curves.png"),
-        "Zero-shot return": figure_zero_shot(metrics, fig_dir / "zero_shot.png"),
+        "Learning curves": figure_curves(bands, fig_dir / "learning_curves.png", threshold=threshold,
+                                         confidence=confidence),
+        "Zero-shot return": figure_zero_shot(metrics, fig_dir / "zero_shot.png", confidence=confidence),
         "Per-task comparison": figure_scatter(scores, fig_dir / "per_task_scatter.png"),
         "Siamese retrieval": figure_retrieval(meta_train, fig_dir / "siamese_retrieval.png"),
         "Expert returns": figure_experts(collect, fig_dir / "expert_returns.png", family.solved_return),
     }
     counts = tasks["split"].value_counts().to_dict()
+    methods = ordered_methods(scores["method"].astype(str).unique())
+    frozen = [m for m in methods if is_frozen(m)]
     run_info = [
         ("family", family.name), ("tasks per split", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))),
-        ("methods", ", ".join(sorted(scores["method"].unique()))),
-        ("seeds per task and method", params.meta_test.seeds),
+        ("methods", ", ".join(m for m in methods if not is_frozen(m))),
+        *([("frozen-start controls (no updates)", ", ".join(frozen))] if frozen else []),
+        ("seeds per task and method", cfg.seeds),
         ("budget per run", f"{metrics.get('budget_steps')} env steps, of which {metrics.get('context_steps')} context"),
-        ("evaluation", f"every {params.meta_test.eval_interval} steps, "
-                       f"{params.meta_test.eval_episodes} greedy episodes"),
-        ("threshold", f"{params.meta_test.threshold:g} x expert return"), ("params digest", params.digest()),
+        ("evaluation", f"every {cfg.eval_interval} steps, {cfg.eval_episodes} greedy episodes"),
+        ("threshold", f"{pct(threshold)} of the expert return ({threshold:g} x)"),
+        ("intervals", f"{pct(confidence)} stratified-bootstrap CIs ({cfg.bootstrap_resamples} resamples)"),
+        ("params digest", params.digest()),
         ("git commit", git_commit()), ("DVC data hash (trajectories)", _data_hash()),
     ]
-    summary = "\n\n".join(f"**{SPLIT_NAMES[s]} tasks**\n\n{headline_table(metrics, s)}"
-                          for s in ("interp", "extrap") if s in metrics)
-    verdict_lines = verdict(metrics)
+    splits = [s for s in ("interp", "extrap") if s in metrics]
+    tables = {s: headline_table(metrics, s, threshold=threshold) for s in splits}
+    captions = {s: headline_caption(metrics, s, confidence=confidence) for s in splits}
+    summary = "\n\n".join(f"**{SPLIT_NAMES[s]} tasks**: {captions[s]}\n\n{tables[s]}" for s in splits)
+    verdict_lines = verdict(metrics, threshold=threshold, confidence=confidence,
+                            frozen_diffs=frozen_differences(scores, cfg))
     retrieval = (f"Top-1 agreement of the retrieved training task with the best source by cross-evaluation "
                  f"(validation tasks): {_fmt(meta_train.get('siamese', {}).get('top1_retrieval'))} vs "
                  f"{_fmt(meta_train.get('siamese', {}).get('random_top1'))} for a random neighbour.")
     experts_txt = (f"{100 * collect['fraction_solved']:.0f}% of experts reach {family.solved_return:g} "
                    f"(greedy, fresh start states); they normalise every return in this report.")
+    curves_txt = (f"IQM per evaluation with a shaded {pct(confidence)} CI per method; "
+                  + ("dashed, in the same colour: the method's frozen start (no updates); " if frozen else "")
+                  + f"dotted: the {pct(threshold)} threshold.")
+    text = {"Siamese retrieval": retrieval, "Expert returns": experts_txt, "Learning curves": curves_txt}
+    search_md = search_table(search) if search is not None else None
+    chosen = selected_lines(selected) if search is not None else []
 
     md = [f"# {params.report.title}", "", "## What was run", "",
           *[f"- {k}: {v}" for k, v in run_info], "", "## Headline results", "", summary, ""]
-    text = {"Siamese retrieval": retrieval, "Expert returns": experts_txt}
     for name, fig in figs.items():
         md += [f"## {name}", "", *([text[name], ""] if name in text else []),
                f"![{name}]({fig.relative_to(out_dir).as_posix()})", ""]
+    if search_md is not None:
+        md += [f"## {SEARCH_SECTION}", "", search_text(confidence), "", search_md, ""]
+        if chosen:
+            md += ["Selected configurations:", "", *[f"- {line}" for line in chosen], ""]
     md += ["## Verdict", "", *[f"- {line}" for line in verdict_lines], ""]
     md_path = out_dir / "report.md"
     write_text(md_path, "\n".join(md))
@@ -269,23 +552,22 @@ def build_report(params: Params, out_dir: Path = Path("reports")) -> ReportResul
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
-    def md_table_to_html(table: str) -> str:
-        lines = [r.strip("|").split("|") for r in table.splitlines() if not r.startswith("|---")]
-        head, *body = lines
-        return ("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>" +
-                "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body) +
-                "</table>")
-
     parts = [f"<h1>{html.escape(params.report.title)}</h1>", "<h2>What was run</h2><ul>",
              *[f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in run_info], "</ul>",
              "<h2>Headline results</h2>"]
-    for s in ("interp", "extrap"):
-        if s in metrics:
-            parts += [f"<h3>{SPLIT_NAMES[s]} tasks</h3>", md_table_to_html(headline_table(metrics, s))]
+    for s in splits:
+        parts += [f"<h3>{SPLIT_NAMES[s]} tasks</h3>", f"<p>{_md_inline_to_html(captions[s])}</p>",
+                  md_table_to_html(tables[s])]
     for name, fig in figs.items():
-        parts += [f"<h2>{name}</h2>", *([f"<p>{html.escape(text[name])}</p>"] if name in text else []), img(fig)]
-    parts += ["<h2>Verdict</h2><ul>",
-              *[f"<li>{html.escape(v).replace('**', '')}</li>" for v in verdict_lines], "</ul>"]
+        parts += [f"<h2>{name}</h2>", *([f"<p>{_md_inline_to_html(text[name])}</p>"] if name in text else []),
+                  img(fig)]
+    if search_md is not None:
+        parts += [f"<h2>{html.escape(SEARCH_SECTION)}</h2>", f"<p>{_md_inline_to_html(search_text(confidence))}</p>",
+                  md_table_to_html(search_md)]
+        if chosen:
+            parts += ["<p>Selected configurations:</p><ul>",
+                      *[f"<li>{_md_inline_to_html(line)}</li>" for line in chosen], "</ul>"]
+    parts += ["<h2>Verdict</h2><ul>", *[f"<li>{_md_inline_to_html(v)}</li>" for v in verdict_lines], "</ul>"]
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}"
              "img{max-width:100%}")

@@ -22,6 +22,7 @@ from metadqn.data.io import atomic_path, save_state_dict, write_json
 from metadqn.data.store import TaskStore
 from metadqn.envs.sampling import SPLITS
 from metadqn.evaluation.protocol import GroupMapper, run_in_process, run_protocol
+from metadqn.evaluation.search import load_selection
 from metadqn.evaluation.summary import per_run_scores, summarise
 
 log = logging.getLogger("metadqn.meta_test")
@@ -38,16 +39,19 @@ class MetaTestOutputs:
 
 def run_meta_test(params: Params, store: TaskStore, models: Path = paths.META_MODELS,
                   out: MetaTestOutputs = MetaTestOutputs(), tags: dict[str, str] | None = None,
-                  map_groups: GroupMapper = run_in_process) -> dict[str, Any]:
-    """The whole stage. ``map_groups`` fine-tunes the protocol's groups (in process, Prefect, Dask)."""
+                  map_groups: GroupMapper = run_in_process, selected: Path | None = None) -> dict[str, Any]:
+    """The whole stage. ``map_groups`` fine-tunes the protocol's groups (in process, Prefect, Dask);
+    ``selected`` is the finetune_search stage's selection (None: every method fine-tunes with the dqn
+    section)."""
     from metadqn.tracking.runs import stage_run
 
     start = time.perf_counter()
     store = TaskStore(store.tasks_path, store.trajectories, store.experts, store.collect_metrics,
                       allowed=frozenset(SPLITS))
-    result = run_protocol(params, store, models, map_groups)
+    choices = load_selection(selected) if selected is not None else None
+    result = run_protocol(params, store, models, map_groups, choices)
     scores = per_run_scores(result.curves, params.meta_test.threshold, result.budget_steps)
-    metrics: dict[str, Any] = summarise(scores, params.meta_test)
+    metrics: dict[str, Any] = summarise(scores, params.meta_test, result.curves)
     metrics["budget_steps"] = result.budget_steps
     metrics["context_steps"] = result.context_steps
 

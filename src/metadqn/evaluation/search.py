@@ -1,0 +1,202 @@
+"""The fine-tuning configuration search: each meta-learned method's fine-tuning levers, chosen on the
+validation tasks only.
+
+Every candidate of ``meta_test.search.candidates`` fine-tunes every meta-learned method's start on every
+validation task for ``meta_test.search.seeds`` seeds, under the meta-test protocol itself (same context
+size, same budget T, same evaluation), so the choice is made on the quantity that is reported. Per method,
+the candidate with the highest AUC IQM wins (ties: the first listed). Scratch is not searched: it keeps the
+dqn section, which is tuned for learning from scratch; it runs once as a reference row (the bar a start
+must clear on the same tasks).
+
+Held-out test tasks are never read: the search gets a :class:`TaskStore` that opens only the train and
+validation splits (a read of a test task raises ``LeakageError``), and its contexts come from
+``meta_test.search.seed``, not from meta-test's.
+
+Groups. Candidates that differ only in per-slot levers (start_epsilon, the anchor's weights, the protected
+share, shrink; see :mod:`metadqn.dqn.levers`) train together in one batched run of every (candidate,
+method, validation task, seed) slot, because a batched run's cost is nearly independent of its number of
+slots on CPU: the default seven candidates train as two runs instead of seven (measured on 2 cores:
+about 2.5x faster). Each slot's result is still that of its own configuration; the random draws of a slot
+depend on its place in the run, so candidates are not compared under common random numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from metadqn.config import FinetuneConfig, Params
+from metadqn.data.store import TRAINING_SPLITS, TaskStore
+from metadqn.dqn.levers import shared_part
+from metadqn.envs.sampling import task_matrix
+from metadqn.evaluation.metrics import task_bootstrap_iqm_ci
+from metadqn.evaluation.protocol import (
+    Choice,
+    GroupMapper,
+    GroupRun,
+    ProtocolGroup,
+    finetune_config,
+    finetune_group,
+    group_seed,
+    initial_networks,
+    run_in_process,
+)
+from metadqn.evaluation.summary import min_curve_iqm, per_run_scores
+
+log = logging.getLogger("metadqn.finetune_search")
+SEARCH_SPLIT = "val"
+SCRATCH_REFERENCE = "dqn section"
+"""Scratch runs in the search as a reference row (the bar a start must clear), with the dqn section; it is
+never selected for anything."""
+
+
+@dataclass
+class SearchResult:
+    summary: pd.DataFrame
+    """One row per (method, candidate): IQMs with CIs of zero-shot, AUC, final; min_curve_iqm; selected."""
+    scores: pd.DataFrame
+    """Per-run scores (method, candidate, task_id, seed, zero_shot, auc, final, ...)."""
+    selected: dict[str, dict[str, Any]]
+    """{method: {"candidate": name, "config": levers}}: what meta_test reads."""
+
+
+def searched_methods(params: Params, models: Path) -> list[str]:
+    """The meta-learned methods of meta_test.methods that meta_train produced."""
+    return [m for m in params.meta_test.methods if m != "scratch" and (models / m / "model.pt").exists()]
+
+
+def plan_search(params: Params, store: TaskStore, models: Path) -> list[ProtocolGroup]:
+    """One group per set of candidates that can share a batched run (same optimisation, see the module
+    docstring), in the order of meta_test.search.candidates."""
+    family = params.family.family()
+    search = params.meta_test.search
+    tasks = store.tasks(SEARCH_SPLIT)
+    methods = searched_methods(params, models)
+    if not methods:
+        return []
+    init, prefill = initial_networks(params, tasks, models, [*methods, "scratch"], search.seeds, search.seed)
+    matrix = task_matrix(tasks, family)
+    configs = {**search.candidates, SCRATCH_REFERENCE: FinetuneConfig()}
+    batches: dict[str, list[str]] = {}
+    for name, ft in configs.items():  # scratch (the reference) joins the plain-DQN run, if there is one
+        batches.setdefault(shared_part(ft).model_dump_json(), []).append(name)
+    n = len(tasks)
+    groups = []
+    for names in batches.values():
+        slots = [(c, m, s, t) for c in names for m in (["scratch"] if c == SCRATCH_REFERENCE else methods)
+                 for s in range(search.seeds) for t in range(n)]
+        task_ids = [str(tasks["task_id"].iloc[t]) for _, _, _, t in slots]
+        seeds = [s for _, _, s, _ in slots]
+        groups.append(ProtocolGroup(
+            method="+".join(names), task_ids=task_ids, seeds=seeds, tasks=matrix[[t for *_, t in slots]],
+            init=[init[m][s * n + t] for _, m, s, t in slots], prefill=[prefill[s * n + t] for _, _, s, t in slots],
+            seed=group_seed(search.seed, task_ids, seeds), cfg=finetune_config(params, configs[names[0]]),
+            finetune=[configs[c] for c, *_ in slots], candidate="+".join(names),
+            methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots]))
+    return groups
+
+
+def run_search(params: Params, store: TaskStore, models: Path,
+               map_groups: GroupMapper = run_in_process) -> SearchResult:
+    """Runs every candidate on the validation tasks and selects one per meta-learned method."""
+    store = TaskStore(store.tasks_path, store.trajectories, store.experts, store.collect_metrics,
+                      allowed=TRAINING_SPLITS)
+    family = params.family.family()
+    mt = params.meta_test
+    c = params.meta_train.context_size
+    groups = plan_search(params, store, models)
+    if not groups:
+        log.warning("finetune search: no meta-learned method to search; nothing selected")
+        return SearchResult(pd.DataFrame(columns=SUMMARY_COLUMNS), pd.DataFrame(), {})
+    log.info("finetune search: %d candidates x %d methods x %d validation tasks x %d seeds, in %d batched runs",
+             len(mt.search.candidates), len(set(groups[0].methods)), len(set(groups[0].task_ids)), mt.search.seeds,
+             len(groups))
+
+    def fn(group: ProtocolGroup) -> GroupRun:
+        return finetune_group(family, group)
+
+    results = map_groups(fn, groups)
+    expert = store.expert_returns(sorted(set(groups[0].task_ids)))
+    frames = []
+    for group, res in zip(groups, results, strict=True):
+        slots = pd.DataFrame({"slot": range(len(group.task_ids)), "task_id": group.task_ids,
+                              "method": group.methods, "seed": group.seeds, "candidate": group.candidates})
+        curve = res.curves.merge(slots, on="slot").rename(columns={"eval_return": "return"})
+        curve["step"] = curve["step"] + c
+        curve["normalised_return"] = curve["return"] / curve["task_id"].map(expert)
+        frames.append(curve.assign(split=SEARCH_SPLIT).drop(columns="slot"))
+    curves = pd.concat(frames, ignore_index=True)
+    scores = pd.concat([per_run_scores(g.drop(columns="candidate"), mt.threshold, mt.budget_steps)
+                        .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
+                       ignore_index=True)
+    summary = summarise_search(scores, curves, params)
+    selected = select(summary, params)
+    return SearchResult(summary, scores, selected)
+
+
+SUMMARY_COLUMNS = ["method", "candidate", "runs", "zero_shot_iqm", "auc_iqm", "auc_ci_low", "auc_ci_high",
+                   "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "selected"]
+
+
+def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params) -> pd.DataFrame:
+    mt = params.meta_test
+    order = [*mt.search.candidates, SCRATCH_REFERENCE]
+    rows = []
+    for (method, cand), g in scores.groupby(["method", "candidate"], sort=False):
+        row: dict[str, Any] = {"method": method, "candidate": cand, "runs": len(g)}
+        for key in ("zero_shot", "auc", "final"):
+            point, lo, hi = task_bootstrap_iqm_ci(g[key].to_numpy(float), g["task_id"].to_numpy(), mt.confidence,
+                                                  mt.bootstrap_resamples, mt.search.seed)
+            row.update({f"{key}_iqm": point, f"{key}_ci_low": lo, f"{key}_ci_high": hi})
+        mc = curves[(curves["method"] == method) & (curves["candidate"] == cand)]
+        row["min_curve_iqm"] = min_curve_iqm(mc)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["order"] = out["candidate"].map(order.index)
+    out = out.sort_values(["method", "order"], key=lambda c: c.map(_method_rank) if c.name == "method" else c,
+                          kind="stable").drop(columns="order").reset_index(drop=True)
+    best = out.groupby("method", sort=False)["auc_iqm"].transform("max")
+    first = (out["auc_iqm"] == best) & ~(out["auc_iqm"] == best).groupby(out["method"]).cumsum().gt(1)
+    out["selected"] = first & (out["method"] != "scratch")
+    out = out[[c for c in SUMMARY_COLUMNS if c in out.columns]]
+    return out.round({c: 6 for c in out.columns if out[c].dtype == float})
+
+
+def _method_rank(method: str) -> str:
+    return "~" if method == "scratch" else method  # the reference row last
+
+
+def select(summary: pd.DataFrame, params: Params) -> dict[str, dict[str, Any]]:
+    cands = params.meta_test.search.candidates
+    return {row.method: {"candidate": row.candidate,
+                         "config": cands[row.candidate].model_dump(mode="json")}
+            for row in summary[summary["selected"]].itertuples()}
+
+
+class SelectionError(ValueError):
+    """The selection file is missing or unreadable (one-line message)."""
+
+
+def load_selection(path: Path) -> dict[str, Choice]:
+    """meta_test's view of the search's output: ``{method: (candidate name, FinetuneConfig)}``."""
+    if not path.exists():
+        raise SelectionError(f"{path}: not found; run `dvc repro finetune_search` first")
+    try:
+        raw = json.loads(path.read_text())
+        return {m: (str(v["candidate"]), FinetuneConfig.model_validate(v["config"])) for m, v in raw.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        msg = str(exc).splitlines()[0]
+        raise SelectionError(f"{path}: not a fine-tuning selection ({msg}); rerun `dvc repro finetune_search`") \
+            from None
+
+
+def selection_to_json(selected: dict[str, dict[str, Any]]) -> str:
+    return json.dumps(selected, indent=2, sort_keys=True) + "\n"
+
+
+__all__ = ["SearchResult", "load_selection", "run_search", "selection_to_json"]

@@ -1,0 +1,103 @@
+"""The fine-tuning configuration search: reads validation tasks only, selects per method, and meta-test
+uses what it selected (with frozen-start controls beside every meta-learned method)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from metadqn.config import FROZEN_SUFFIX
+from metadqn.data.store import LeakageError, TaskStore
+from metadqn.evaluation.search import SCRATCH_REFERENCE, SelectionError, load_selection, run_search
+from metadqn.stages.finetune_search import SearchOutputs, run_finetune_search
+from metadqn.stages.meta_test import MetaTestOutputs, run_meta_test
+
+pytestmark = pytest.mark.slow
+
+CANDIDATES = {"dqn": {}, "anchored": {"start_epsilon": 0.05, "anchor": "kl", "anchor_weight": 1.0,
+                                      "protected_steps": 64, "protected_fraction": 0.25,
+                                      "dqn": {"learning_rate": 0.0003}}}
+
+
+def _search_params(params):
+    mt = params.meta_test
+    search = mt.search.model_validate({"seeds": 1, "candidates": CANDIDATES})
+    return params.model_copy(update={"meta_test": mt.model_copy(update={"search": search})})
+
+
+def _outputs(root):
+    return SearchOutputs(selected=root / "selected.json", summary=root / "search.csv", scores=root / "scores.csv")
+
+
+def test_search_selects_per_method_and_reads_no_test_task(tiny_run, tmp_path):
+    params, store, meta, _, col = tiny_run
+    params = _search_params(params)
+    selected = run_finetune_search(params, store, meta.models, _outputs(tmp_path / "a"))
+    summary = pd.read_csv(tmp_path / "a" / "search.csv")
+    methods = set(summary["method"]) - {"scratch"}
+    assert methods == set(selected) and "scratch" not in selected and len(methods) >= 2
+    assert set(summary.loc[summary["method"] != "scratch", "candidate"]) == set(CANDIDATES)
+    # scratch runs once, with the dqn section, as the reference row; it is never selected
+    ref = summary[summary["method"] == "scratch"]
+    assert ref["candidate"].tolist() == [SCRATCH_REFERENCE] and not ref["selected"].any()
+    assert (summary[summary["method"] != "scratch"].groupby("method")["selected"].sum() == 1).all()
+    for m, pick in selected.items():
+        rows = summary[summary["method"] == m]
+        assert pick["candidate"] == rows.loc[rows["auc_iqm"].idxmax(), "candidate"]
+
+    # the same search with every held-out test task erased from its inputs: byte-identical outputs
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    tasks = pd.read_parquet(col.tasks)
+    tasks[tasks["split"].isin(["train", "val"])].to_parquet(clean / "tasks.parquet", index=False)
+    metrics = json.loads(col.metrics.read_text())
+    keep = set(tasks.loc[tasks["split"].isin(["train", "val"]), "task_id"])
+    metrics["tasks"] = {k: v for k, v in metrics["tasks"].items() if k in keep}
+    (clean / "collect.json").write_text(json.dumps(metrics))
+    store_b = TaskStore(clean / "tasks.parquet", store.trajectories, store.experts, clean / "collect.json")
+    run_finetune_search(params, store_b, meta.models, _outputs(tmp_path / "b"))
+    for name in ("selected.json", "search.csv", "scores.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_search_store_refuses_test_splits(tiny_run, monkeypatch):
+    params, store, meta, _, _ = tiny_run
+    from metadqn.evaluation import search
+
+    monkeypatch.setattr(search, "SEARCH_SPLIT", "interp")  # a search that tried to read test tasks
+    with pytest.raises(LeakageError):
+        run_search(_search_params(params), store, meta.models)
+
+
+def test_meta_test_uses_the_selection_and_reports_frozen_controls(tiny_run, tmp_path):
+    params, store, meta, _, _ = tiny_run
+    params = _search_params(params)
+    sel = tmp_path / "selected.json"
+    picks = {m: {"candidate": "anchored", "config": CANDIDATES["anchored"]} for m in ("hypernet", "siamese")}
+    sel.write_text(json.dumps(picks))
+    assert load_selection(sel)["hypernet"][1].anchor == "kl"
+    out = MetaTestOutputs(curves_parquet=tmp_path / "c.parquet", curves_csv=tmp_path / "c.csv",
+                          scores=tmp_path / "s.csv", metrics=tmp_path / "m.json", adapted=tmp_path / "adapted")
+    metrics = run_meta_test(params, store, meta.models, out, selected=sel)
+    learned = [m for m in metrics["interp"] if m != "scratch" and not m.endswith(FROZEN_SUFFIX)]
+    assert learned
+    for split in ("interp", "extrap"):
+        for m in learned:
+            frozen = metrics[split][m + FROZEN_SUFFIX]
+            assert frozen["zero_shot_iqm"] == frozen["auc_iqm"] == frozen["final_iqm"]  # flat: the start
+            assert "auc_diff_vs_scratch_ci_low" in metrics[split][m]
+        assert FROZEN_SUFFIX not in "".join(k for k in metrics[split] if k == "scratch")
+    curves = pd.read_parquet(tmp_path / "c.parquet")
+    # hypernet's frozen control starts where its fine-tuning run starts (the same start, step 0)
+    first = curves[curves["step"] == curves["step"].min()].set_index(["task_id", "seed", "method"])["return"]
+    for (tid, seed, method), r in first.items():
+        if method == "hypernet":
+            assert first[(tid, seed, "hypernet" + FROZEN_SUFFIX)] == r
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hypernet": {"candidate": "x", "config": {"anchor": "nope"}}}))
+    with pytest.raises(SelectionError, match="not a fine-tuning selection"):
+        load_selection(bad)
+    shutil.rmtree(tmp_path / "adapted")
