@@ -220,6 +220,9 @@ def plan_groups(params: Params, tests: pd.DataFrame, models: Path,
     seed = group_seed(mt.seed, task_ids, seeds)
     groups = []
     for m in methods:
+        if choices is not None and m != "scratch" and m not in choices:
+            log.warning("meta-test: the fine-tuning selection has no configuration for %s; it fine-tunes with the "
+                        "dqn section (rerun `dvc repro finetune_search`)", m)
         name, ft = SCRATCH_CHOICE if m == "scratch" else (choices or {}).get(m, SCRATCH_CHOICE)
         groups.append(ProtocolGroup(method=m, task_ids=task_ids, seeds=seeds, tasks=matrix[rows], init=init[m],
                                     prefill=prefill, seed=seed, cfg=finetune_config(params, ft), finetune=ft,

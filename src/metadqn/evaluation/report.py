@@ -301,8 +301,8 @@ def _truthy(v: Any) -> bool:
 def search_text(confidence: float) -> str:
     return ("Fine-tuning configurations were chosen on validation tasks only (the interpolation and "
             "extrapolation test tasks played no part), per method by AUC IQM; the selected candidate is in "
-            f"bold. Intervals: {pct(confidence)} stratified-bootstrap CIs. scratch keeps the `dqn` section's "
-            "configuration (tuned for learning from scratch).")
+            f"bold. Intervals: {pct(confidence)} bootstrap CIs that resample validation tasks. scratch keeps the "
+            "`dqn` section's configuration (tuned for learning from scratch) and appears as the reference row.")
 
 
 def selected_lines(selected: Mapping[str, Any]) -> list[str]:
