@@ -4,7 +4,6 @@ uses what it selected (with frozen-start controls beside every meta-learned meth
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pytest
@@ -96,8 +95,18 @@ def test_meta_test_uses_the_selection_and_reports_frozen_controls(tiny_run, tmp_
     for (tid, seed, method), r in first.items():
         if method == "hypernet":
             assert first[(tid, seed, "hypernet" + FROZEN_SUFFIX)] == r
+    # the selection is what changed the runs: without it, hypernet's fine-tuned curves differ, scratch's do not
+    plain = MetaTestOutputs(curves_parquet=tmp_path / "p.parquet", curves_csv=tmp_path / "p.csv",
+                            scores=tmp_path / "ps.csv", metrics=tmp_path / "pm.json", adapted=tmp_path / "padapted")
+    run_meta_test(params, store, meta.models, plain)
+    other = pd.read_parquet(tmp_path / "p.parquet")
+
+    def method_curve(frame: pd.DataFrame, method: str) -> pd.Series:
+        return frame[frame["method"] == method].set_index(["task_id", "seed", "step"])["return"].sort_index()
+
+    assert not method_curve(curves, "hypernet").equals(method_curve(other, "hypernet"))
+    pd.testing.assert_series_equal(method_curve(curves, "scratch"), method_curve(other, "scratch"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"hypernet": {"candidate": "x", "config": {"anchor": "nope"}}}))
     with pytest.raises(SelectionError, match="not a fine-tuning selection"):
         load_selection(bad)
-    shutil.rmtree(tmp_path / "adapted")
