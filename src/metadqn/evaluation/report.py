@@ -339,7 +339,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def figure_curves(bands: pd.DataFrame, path: Path, *, threshold: float, confidence: float) -> Path:
     splits = [s for s in ("interp", "extrap") if s in set(bands["split"])]
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.6), squeeze=False, sharey=True)
     legend: dict[str, Any] = {}
     any_frozen = False
     for ax, split in zip(axes[0], splits, strict=True):
@@ -362,7 +362,9 @@ def figure_curves(bands: pd.DataFrame, path: Path, *, threshold: float, confiden
     if any_frozen:
         handles.append(Line2D([], [], ls="--", color="k"))
         labels.append("dashed: frozen start (same colour)")
-    axes[0][0].legend(handles, labels, fontsize=8)
+    # below the panels: inside, it hid the curves that sit mid-height
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 5), frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, path)
 
 
