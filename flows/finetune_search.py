@@ -6,30 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.runners import task_runner
+from flows.runners import prefect_mapper, task_runner
 from metadqn.config import Params
 from metadqn.data.store import TaskStore
-from metadqn.evaluation.protocol import GroupRun, ProtocolGroup, finetune_group
 from metadqn.stages.finetune_search import SearchOutputs, run_finetune_search
-
-
-@task(name="fine-tune-candidate", cache_policy=NO_CACHE, task_run_name="fine-tune-{group.candidate}")
-def finetune_candidate_task(params: Params, group: ProtocolGroup) -> GroupRun:
-    return finetune_group(params.family.family(), group)
 
 
 @flow(name="finetune-search", log_prints=True)
 def _search_flow(params: Params, store: TaskStore, models: Path, out: SearchOutputs = SearchOutputs()) -> dict:
-    def mapper(_fn, groups: list[ProtocolGroup]) -> list[GroupRun]:
-        futures = [finetune_candidate_task.submit(params, g) for g in groups]
-        return [f.result() for f in futures]
-
     tags = {"prefect_flow_run_id": str(flow_run.get_id() or "")}
-    return run_finetune_search(params, store, models, out, tags, map_groups=mapper)
+    return run_finetune_search(params, store, models, out, tags, map_groups=prefect_mapper)
 
 
 def finetune_search_flow(params: Params, store: TaskStore, models: Path, out: SearchOutputs = SearchOutputs()) -> dict:

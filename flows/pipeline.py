@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -29,13 +28,9 @@ from prefect.runtime import flow_run
 
 from metadqn import paths
 from metadqn.config import Params, load_params
+from metadqn.dag import recorded_md5
+from metadqn.dag import stages as dvc_stages
 from metadqn.versioning import tool
-
-
-def dvc_stages(dvc_yaml: Path = Path("dvc.yaml")) -> tuple[str, ...]:
-    """The stages in dvc.yaml's order (which is a topological order: dvc.yaml is the only DAG)."""
-    return tuple(yaml.safe_load(dvc_yaml.read_text())["stages"])
-
 
 LOCK = Path(".metadqn-pipeline.lock")
 RECORDED = (Path("dvc.lock"), paths.TASK_POOL.with_name(paths.TASK_POOL.name + ".dvc"), Path("reports"))
@@ -83,11 +78,7 @@ def dvc_repro(stage: str) -> None:
 
 
 def _data_hash() -> str:
-    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").exists() else {}
-    for out in lock.get("stages", {}).get("collect", {}).get("outs", []):
-        if out["path"] == str(paths.TRAJECTORIES):
-            return out["md5"]
-    return "unknown"
+    return recorded_md5(paths.TRAJECTORIES) or "unknown"
 
 
 @task(name="prepare-task-pool", cache_policy=NO_CACHE)

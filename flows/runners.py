@@ -1,15 +1,19 @@
-"""Where the fan-out of the collect and meta_test stages runs: ``task_runner(params)``.
+"""Where the fan-out of the collect, finetune_search and meta_test stages runs.
 
-A stage's flow submits one Prefect task per group (collect: a group of tasks' experts; meta_test: one
-method's fine-tuning runs), each a batched trainer run whose result is a pure function of the group
-(its seed derives from the group's contents). The runner only decides where the groups train, so
-``params.runner`` never changes a result (it is left out of ``Params.digest()``).
+A stage hands a picklable ``fn`` and its groups (the contract: :mod:`metadqn.fanout`); :func:`prefect_mapper`
+runs ``fn`` on each group as one Prefect task (:func:`run_group`) on the task runner that ``params.runner``
+names (:func:`task_runner`). Each group's result is a pure function of the group (its seed derives from the
+group's contents), so ``params.runner`` never changes a result (it is left out of ``Params.digest()``).
 
-``runner.kind: local`` -> Prefect's ``ThreadPoolTaskRunner(max_workers=1)``: groups train one after
-another in the stage process. The batched trainer already keeps every core busy through torch's
-intra-op threads; groups trained concurrently in threads would each bring their own OpenMP team and
-oversubscribe the cores, which stalls OpenMP (on a 2-core machine with one other busy process, one K=480
-training run took 71 s on one torch thread and 460 s on two). Parallelism across groups is Dask's job.
+``runner.kind: processes`` (default) -> Prefect's ``ProcessPoolTaskRunner``: ``runner.workers`` worker
+processes of ``runner.threads`` torch threads each (default 2 x 1), started by the stage. Groups train in
+parallel, one per process. Why processes of one thread rather than one process of two threads: torch's
+OpenMP threads wait on each other at every operation, so when another program takes one of the two cores,
+a two-thread process stalls (collect took ~8x its time alone); a one-thread process just shares its core
+(figures: ``bench/contention.py`` and the README).
+
+``runner.kind: local`` -> Prefect's ``ThreadPoolTaskRunner(max_workers=1)``: groups train one after another
+in the stage process with torch's threads (``dqn.torch_threads``). For debugging (one process to attach to).
 
 ``runner.kind: dask`` -> prefect-dask's ``DaskTaskRunner(address=...)`` on an existing Dask cluster
 (``runner.address`` or ``$METADQN_DASK_ADDRESS``): one Dask task per group, as many groups at once as the
@@ -35,10 +39,15 @@ by whoever runs it). What the cluster needs:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from metadqn.config import Params
+from metadqn.fanout import group_label, init_worker
 
 log = logging.getLogger("metadqn.runner")
 
@@ -57,13 +66,30 @@ def worker_env() -> dict[str, str]:
 
 def task_runner(params: Params) -> TaskRunner:
     """The Prefect task runner that ``params.runner`` names (see the module docstring)."""
-    if params.runner.kind == "dask":
+    runner = params.runner
+    if runner.kind == "dask":
         from prefect.settings import PREFECT_API_URL
         from prefect_dask import DaskTaskRunner
 
-        address = params.runner.dask_address()
+        address = runner.dask_address()
         if not PREFECT_API_URL.value():
             log.warning("runner: dask at %s without PREFECT_API_URL: every worker will start its own temporary "
                         "Prefect server; point PREFECT_API_URL at a server the workers can reach", address)
         return DaskTaskRunner(address=address)
+    if runner.kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=runner.workers, initializer=init_worker,
+                                     initargs=(runner.threads,))
     return ThreadPoolTaskRunner(max_workers=1)
+
+
+@task(name="run-group", cache_policy=NO_CACHE, task_run_name="{label}")
+def run_group(fn: Callable[[Any], Any], group: Any, label: str) -> Any:
+    """The one Prefect task of every fan-out: ``fn(group)``, wherever the flow's task runner puts it."""
+    return fn(group)
+
+
+def prefect_mapper(fn: Callable[[Any], Any], groups: Sequence[Any]) -> list[Any]:
+    """A :data:`metadqn.fanout.GroupMapper` for use inside a flow: one :func:`run_group` task per group,
+    submitted at once to the flow's task runner; results in order."""
+    futures = [run_group.submit(fn, g, group_label(g, i)) for i, g in enumerate(groups)]
+    return [f.result() for f in futures]

@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory):
     """A fresh git project of this working tree with the tiny params, after a whole `dvc repro`."""
-    from tests.test_pipeline_dvc import dvc, make_project
+    from tests.helpers import dvc, make_project
 
     project = make_project(tmp_path_factory.mktemp("tiny-project") / "p")
     first = dvc(project, "repro")

@@ -23,3 +23,15 @@ def test_throughput_benchmark_script_runs_and_writes_its_table(tmp_path):
     for r in results:
         assert r["env_steps_per_s"] > 0 and r["ratio_vs_sb3"] > 0
     assert "x SB3 best" in proc.stdout
+
+
+@pytest.mark.slow
+def test_contention_benchmark_script_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "contention.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "contention.py"), "--quick", "--runners", "processes",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["runner"] == "processes" and row["alone_s"] > 0 and row["busy_s"] > 0
+    assert row["slowdown"] > 0 and row["alone_vs_local_alone"] is None  # no local run to compare with
+    assert "busy/alone" in proc.stdout

@@ -1,4 +1,5 @@
-"""The collect and meta-test fan-out on a real Dask cluster gives exactly the local run's outputs.
+"""The collect and meta-test fan-out in worker processes and on a real Dask cluster gives exactly the local
+run's outputs.
 
 One ``distributed.LocalCluster`` (2 worker processes, 1 thread each) serves both tests, and one temporary
 Prefect server (``prefect_test_harness``) serves the flows and the workers: the flow's Prefect settings,
@@ -37,7 +38,7 @@ def dask_address():
 
 @contextmanager
 def _task_stream(address: str | None):
-    """Records the tasks the Dask cluster runs meanwhile (nothing for a local run)."""
+    """Records the tasks the Dask cluster runs meanwhile (nothing for another runner)."""
     if address is None:
         yield []
         return
@@ -47,8 +48,12 @@ def _task_stream(address: str | None):
         yield stream.data
 
 
-def _runner(params, address: str | None):
-    runner = params.runner.model_copy(update={"kind": "dask", "address": address} if address else {"kind": "local"})
+RUNNERS = ("local", "processes", "dask")
+"""Every runner kind: one group after another in the test process, a pool of 2 one-thread processes, Dask."""
+
+
+def _runner(params, kind: str, address: str):
+    runner = params.runner.model_copy(update={"kind": kind, "address": address if kind == "dask" else None})
     return params.model_copy(update={"runner": runner})
 
 
@@ -86,18 +91,19 @@ def test_collect_on_dask_equals_the_local_run(dask_address, tmp_path):
         "collect": params.collect.model_copy(update={"group_size": 2}),
     })
     results = {}
-    for name, address in (("local", None), ("dask", dask_address)):
+    for name in RUNNERS:
         root = tmp_path / name
         root.mkdir()
         out = CollectOutputs(pool=root / "pool.csv", tasks=root / "tasks.parquet", trajectories=root / "traj",
                              experts=root / "experts", metrics=root / "collect.json", curves=root / "curves.csv")
         ensure_pool(out.pool, params.family.family(), params.collect.n_train_tasks, params.collect.task_seed)
-        with _task_stream(address) as stream:
-            results[name] = collect_flow(_runner(params, address), out)
+        with _task_stream(dask_address if name == "dask" else None) as stream:
+            results[name] = collect_flow(_runner(params, name, dask_address), out)
     assert len(stream) >= 3  # one Dask task per group of (at most) two of the 6 tiny tasks
     assert len({t["worker"] for t in stream}) == 2  # and both workers took some
-    assert results["dask"] == results["local"]
-    _assert_same_tree(tmp_path / "local", tmp_path / "dask")
+    for name in RUNNERS[1:]:
+        assert results[name] == results["local"], name
+        _assert_same_tree(tmp_path / "local", tmp_path / name)
 
 
 def test_meta_test_on_dask_equals_the_local_run(dask_address, tiny_run, tmp_path):
@@ -107,15 +113,16 @@ def test_meta_test_on_dask_equals_the_local_run(dask_address, tiny_run, tmp_path
 
     params, store, meta, _, _ = tiny_run
     metrics = {}
-    for name, address in (("local", None), ("dask", dask_address)):
+    for name in RUNNERS:
         root = tmp_path / name
         out = MetaTestOutputs(curves_parquet=root / "curves.parquet", curves_csv=root / "curves.csv",
                               scores=root / "scores.csv", metrics=root / "metrics.json", adapted=root / "adapted")
-        with _task_stream(address) as stream:
-            metrics[name] = meta_test_flow(_runner(params, address), store, meta.models, out)
+        with _task_stream(dask_address if name == "dask" else None) as stream:
+            metrics[name] = meta_test_flow(_runner(params, name, dask_address), store, meta.models, out)
     index = pd.read_csv(tmp_path / "local" / "adapted" / "index.csv")
     methods = index.loc[~index["method"].str.endswith(FROZEN_SUFFIX), "method"].nunique()
     assert len(stream) == methods >= 2  # one Dask task per method (frozen controls cost no training)
-    assert metrics["dask"] == metrics["local"]
     assert "wall_s" not in metrics["local"]
-    _assert_same_tree(tmp_path / "local", tmp_path / "dask")
+    for name in RUNNERS[1:]:
+        assert metrics[name] == metrics["local"], name
+        _assert_same_tree(tmp_path / "local", tmp_path / name)

@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import fractions
+import hashlib
+import os
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from metadqn.data import trajectories as traj
 from metadqn.data.io import atomic_path, dvc_md5, load_state_dict, save_state_dict, write_json
@@ -74,13 +80,74 @@ def test_state_dict_io_is_weights_only(tmp_path):
     assert all(np.array_equal(back[k].numpy(), sd[k].numpy()) for k in sd)
 
 
+class _MkdirOnUnpickle:
+    """Unpickling this calls ``os.mkdir(marker)``: code a malicious checkpoint would run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("payload", ["reduce", "instance"])
+def test_load_state_dict_refuses_pickled_objects_and_runs_no_code(tmp_path, payload):
+    marker = tmp_path / "payload-ran"
+    evil = _MkdirOnUnpickle(str(marker)) if payload == "reduce" else fractions.Fraction(1, 3)
+    path = tmp_path / "evil.pt"
+    torch.save({"layers.0.weight": torch.zeros(2, 2), "extra": evil}, path)
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError, match=r"[Ww]eights only load failed"):
+        load_state_dict(path)
+    assert not marker.exists(), "load_state_dict executed the pickled payload"
+    # control: the same file is live under an unrestricted unpickler, so the refusal above is what saved us
+    loaded = torch.load(path, weights_only=False)
+    assert marker.exists() if payload == "reduce" else loaded["extra"] == fractions.Fraction(1, 3)
+
+
+MD5_A, MD5_B = "0cc175b9c0f1b6a831c399e269772661", "92eb5ffee6ae2fec3ad71c777531578f"  # md5(b"a"), md5(b"b")
+
+
 def test_dvc_md5_matches_dvc_conventions(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "b.txt").write_text("b")
     (tmp_path / "d" / "a.txt").write_text("a")
-    h = dvc_md5(tmp_path / "d")
-    assert h.endswith(".dir") and len(h) == 36
-    assert dvc_md5(tmp_path / "d" / "a.txt") == "0cc175b9c0f1b6a831c399e269772661"  # md5("a")
+    assert dvc_md5(tmp_path / "d" / "a.txt") == MD5_A
+    # DVC 3's .dir hash: md5 of json.dumps(entries sorted by relpath, sort_keys=True), i.e. with the default
+    # ", " and ": " separators, plus ".dir" (dvc_data.hashfile.tree.Tree.as_bytes / digest), written out by hand
+    listing = (f'[{{"md5": "{MD5_A}", "relpath": "a.txt"}}, '
+               f'{{"md5": "{MD5_B}", "relpath": "b.txt"}}]').encode()
+    assert dvc_md5(tmp_path / "d") == hashlib.md5(listing).hexdigest() + ".dir"
+
+
+def _dvc_own_md5(path) -> str:
+    """The hash DVC itself computes for ``path`` (dvc_data's build, as `dvc add`/`dvc commit` use; dry run)."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs import LocalFileSystem
+
+    fs = LocalFileSystem()
+    _, _, obj = build(HashFileDB(fs, str(path.parent / "dvc-cache")), str(path), fs, "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def test_dvc_md5_equals_dvcs_own_hash_on_a_nested_directory(tmp_path):
+    d = tmp_path / "out"
+    # "a-b/c" < "a.txt" < "a/x" as strings (DVC's order), not as path components
+    files = {"a.txt": b"a", "a-b/c": b"x", "a/x": b"y", "sub/b.txt": b"b\r\n",
+             "sub/deeper/z.bin": bytes(range(256)) * 40, ".hidden/.x": b"h", "empty.bin": b"",
+             "\u00e9 \u00fc.txt": "\u00fc".encode()}
+    for rel, data in files.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    (d / "empty-dir").mkdir()  # DVC tracks files only
+    expected = _dvc_own_md5(d)
+    assert expected.endswith(".dir")
+    assert dvc_md5(d) == expected
+    assert dvc_md5(d / "sub" / "deeper" / "z.bin") == _dvc_own_md5(d / "sub" / "deeper" / "z.bin")
+    # and the hash follows the content: one changed byte changes it, as it changes DVC's
+    (d / "sub" / "b.txt").write_bytes(b"B\r\n")
+    assert dvc_md5(d) == _dvc_own_md5(d) != expected
 
 
 def test_saving_the_same_state_dict_twice_gives_the_same_bytes(tmp_path):

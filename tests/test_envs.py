@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from metadqn.envs import FAMILIES, SPLITS, get_family, sample_tasks, task_matrix
 
@@ -56,28 +58,141 @@ def test_mirrored_family_has_both_push_directions():
     assert set(tasks["force_sign"]) == {-1.0, 1.0}
 
 
+LIMIT = 25
+"""A short time limit (gymnasium's default is 200 or 500 steps) so that a few hundred steps see many truncations."""
+NEAR_END = {"cartpole": [0.0, 0.0, 0.205, 1.0], "cartpole-mirrored": [0.0, 0.0, 0.205, 1.0],
+            "acrobot": [np.pi - 0.05, 0.0, 0.0, 0.0], "mountaincar": [0.49, 0.07]}
+"""A state one step before termination whatever the action (pole past 12 degrees, link up, car at the flag):
+planted now and then so that every family terminates too, not only CartPole under random actions."""
+
+
+def _reference(family, tasks, limit: int) -> SyncVectorEnv:
+    """gymnasium's own NEXT_STEP vector env over the single environments, each with its TimeLimit."""
+    def make(task):
+        def thunk():
+            env = gym.make(family.env_id, max_episode_steps=limit)
+            family.apply(env.unwrapped, task)
+            return env
+        return thunk
+
+    return SyncVectorEnv([make(row[family.param_names].to_dict()) for _, row in tasks.iterrows()],
+                         autoreset_mode=AutoresetMode.NEXT_STEP)
+
+
+def _ours(family, matrix: np.ndarray, envs_per_task: int, limit: int):
+    vec = family.vector_env(matrix, envs_per_task)
+    assert vec.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    vec.unwrapped.max_episode_steps = limit  # an attribute of CartPoleVectorEnv and of ours alike
+    return vec
+
+
+def _set_vector_state(name, inner, i, state) -> None:
+    if name.startswith("cartpole"):
+        inner.state[:, i] = state
+    else:
+        inner.state[i] = state
+
+
+def _single_obs(name, env) -> np.ndarray:
+    """The observation a single env would return for its current state."""
+    inner = env.unwrapped
+    return inner._get_ob() if name == "acrobot" else np.array(inner.state, dtype=np.float32)
+
+
+def _compare_step(ours, ref, step) -> None:
+    for what, a, b in zip(("obs", "reward", "terminated", "truncated"), ours, ref, strict=True):
+        if what == "obs":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"obs at step {step}")
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"{what} at step {step}")
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_vector_env_matches_single_envs_step_for_step(name):
-    """Each env of the vector env follows its own task's physics, exactly as the single gymnasium env."""
+def test_vector_env_matches_gymnasium_through_terminations_truncations_and_autoresets(name):
+    """Each task's vector env (one env per task, seeded as gymnasium seeds its sub-envs) against gymnasium's
+    SyncVectorEnv of the single envs, step for step over many episodes: same observations (reset ones
+    included: both draw from the same seeded stream), rewards, terminations, truncations, and NEXT_STEP
+    autoresets (reward 0, neither flag, the action ignored)."""
     family = get_family(name)
     tasks = sample_tasks(family, {"train": 2, "extrap": 2}, seed=5)
     matrix = task_matrix(tasks, family)
-    vec = family.vector_env(matrix, envs_per_task=1)
-    obs, _ = vec.reset(seed=0)
-    singles = [family.make_env(row[family.param_names].to_dict()).unwrapped for _, row in tasks.iterrows()]
+    ref = _reference(family, tasks, LIMIT)
+    vecs = [_ours(family, matrix[i:i + 1], 1, LIMIT) for i in range(len(tasks))]
+    ref_obs, _ = ref.reset(seed=11)
+    obs = np.concatenate([v.reset(seed=11 + i)[0] for i, v in enumerate(vecs)])
+    np.testing.assert_allclose(obs, ref_obs, rtol=1e-6)
     rng = np.random.default_rng(0)
-    for i, env in enumerate(singles):
-        env.reset(seed=0)
-        env.state = _state_from_vector(name, vec.unwrapped, i)
-    for _ in range(60):
-        actions = rng.integers(0, family.n_actions, size=len(singles))
-        obs, reward, term, _, _ = vec.step(actions)
-        for i, env in enumerate(singles):
-            o, r, t, _, _ = env.step(int(actions[i]))
-            np.testing.assert_allclose(obs[i], o, rtol=1e-5, atol=1e-5)
-            assert r == reward[i] and t == term[i]
-        if term.any():
-            break
+    seen = {"terminated": 0, "truncated": 0, "reset after termination": 0, "reset after truncation": 0}
+    prev_term = prev_trunc = np.zeros(len(tasks), dtype=bool)
+    for step in range(400):
+        actions = rng.integers(0, family.n_actions, size=len(tasks))
+        mine = [v.step(actions[i:i + 1]) for i, v in enumerate(vecs)]
+        ours = tuple(np.concatenate([m[j] for m in mine]) for j in range(4))
+        theirs = ref.step(actions)[:4]
+        _compare_step(ours, theirs, step)
+        assert not (ours[1][prev_term | prev_trunc]).any()  # autoreset steps pay nothing
+        seen["reset after termination"] += int(prev_term.sum())
+        seen["reset after truncation"] += int(prev_trunc.sum())
+        prev_term, prev_trunc = ours[2], ours[3]
+        seen["terminated"] += int(prev_term.sum())
+        seen["truncated"] += int(prev_trunc.sum())
+        if step % 40 == 7:  # plant a near-terminal state in task 0's env, in both
+            state = np.asarray(NEAR_END[name], dtype=np.float64)
+            _set_vector_state(name, vecs[0].unwrapped, 0, state)
+            ref.envs[0].unwrapped.state = state.copy()
+    assert min(seen.values()) >= 5, seen  # every case was compared, several times
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_many_envs_per_task_reset_independently(name):
+    """The layout training uses (E envs per task, task-major, one vector env): an env's episode end resets that
+    env only. Reset states come from one stream for all envs here, so at each autoreset the reference env is
+    given our new state (checked to be a fresh start) and the comparison goes on from there."""
+    family = get_family(name)
+    tasks = sample_tasks(family, {"train": 2, "extrap": 1}, seed=5)
+    e = 3
+    vec = _ours(family, task_matrix(tasks, family), e, LIMIT)
+    ref = _reference(family, tasks.loc[tasks.index.repeat(e)], LIMIT)
+    obs, _ = vec.reset(seed=1)
+    ref.reset(seed=2)
+    n = len(tasks) * e
+    for i in range(n):
+        ref.envs[i].unwrapped.state = _state_from_vector(name, vec.unwrapped, i)
+    np.testing.assert_allclose(obs, np.stack([_single_obs(name, env) for env in ref.envs]), rtol=1e-6)
+    rng = np.random.default_rng(1)
+    done = np.zeros(n, dtype=bool)
+    resets = mixed = 0
+    for step in range(300):
+        actions = rng.integers(0, family.n_actions, size=n)
+        ours = vec.step(actions)[:4]
+        theirs = list(ref.step(actions)[:4])
+        if done.any():
+            resets += int(done.sum())
+            mixed += int(not done.all())
+            for i in np.flatnonzero(done):
+                state = _state_from_vector(name, vec.unwrapped, i)
+                _check_fresh_start(name, state)
+                ref.envs[i].unwrapped.state = state
+                theirs[0][i] = _single_obs(name, ref.envs[i])
+        _compare_step(ours, theirs, step)
+        done = ours[2] | ours[3]
+        if step % 30 == 4:
+            k = step // 30 % n
+            state = np.asarray(NEAR_END[name], dtype=np.float64)
+            _set_vector_state(name, vec.unwrapped, k, state)
+            ref.envs[k].unwrapped.state = state.copy()
+    assert resets >= 10 and mixed >= 5, (resets, mixed)
+
+
+def _check_fresh_start(name, state) -> None:
+    """gymnasium's reset distributions: U(-0.05, 0.05) for CartPole, U(-0.1, 0.1) for Acrobot, position
+    U(-0.6, -0.4) and velocity 0 for MountainCar."""
+    state = np.asarray(state)
+    if name == "mountaincar":
+        assert -0.6 <= state[0] <= -0.4 and state[1] == 0.0, state
+    else:
+        bound = 0.05 if name.startswith("cartpole") else 0.1
+        assert (np.abs(state) <= bound).all(), state
 
 
 def _state_from_vector(name, inner, i):

@@ -3,64 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from metadqn.config import load_params
 from metadqn.data.io import dvc_md5
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def project_env(project: Path) -> dict[str, str]:
-    """The environment of a command run in ``project``: the venv first on PATH, Prefect state and the MLflow
-    store inside the project, no params overlay."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("METADQN_PARAMS", None)
-    env["PREFECT_HOME"] = str(project / ".prefect")
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    return env
-
-
-def make_project(dest: Path) -> Path:
-    """A fresh git checkout of the working tree with tiny params written into params.yaml."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    tiny = load_params(ROOT / "params.yaml", ROOT / "tests" / "params.tiny.yaml")
-    (dest / "params.yaml").write_text(yaml.safe_dump(tiny.model_dump(mode="json"), sort_keys=False))
-    for stale in ("dvc.lock", "reports"):
-        p = dest / stale
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    (dest / "data" / "task_pool.csv.dvc").unlink(missing_ok=True)  # the tiny params make their own pool
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([str(BIN / "metadqn"), "init-pool"], cwd=dest, env=project_env(dest), check=True,
-                   capture_output=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], cwd=dest,
-                   check=True)
-    return dest
-
-
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=project_env(project), capture_output=True,
-                          text=True, timeout=600)
+from tests.helpers import dvc
 
 
 @pytest.mark.slow
@@ -92,11 +41,14 @@ def test_dvc_repro_whole_tiny_pipeline_then_noop(tiny_project):
     elapsed = time.perf_counter() - start
     assert second.returncode == 0, second.stderr
     assert "didn't change, skipping" in second.stdout and "Running stage" not in second.stdout
-    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f} s"
+    # that nothing reran is checked by the output above; the time is only a loose sanity bound (was 5 s), generous
+    # enough for a loaded CI machine
+    assert elapsed < 60.0, f"no-op dvc repro took {elapsed:.1f} s"
     status = dvc(project, "status")
-    assert "up to date" in status.stdout
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
 
     shown = dvc(project, "metrics", "show", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
     assert "fraction_solved" in shown.stdout and "val_zero_shot_normalized" in shown.stdout
     assert "zero_shot_iqm" in shown.stdout
     plots = dvc(project, "plots", "show", "--json")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from metadqn.tracking.registry import CHALLENGER, CHAMPION, decide, model_name, promote, register_meta_models
+from tests.helpers import free_port
 
 
 def _tags(iqm: float | None, high: float | None = None) -> dict[str, str]:
@@ -98,14 +99,6 @@ print('return', total)
     assert client.get_model_version(name, "2").tags["promotion.decision"] == "rejected"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serve_and_query(tmp_path, name: str, params) -> None:
     import os
     import time
@@ -114,7 +107,7 @@ def _serve_and_query(tmp_path, name: str, params) -> None:
 
     from metadqn.tracking.models import example_input
 
-    port = _free_port()
+    port = free_port()
     # the server execs uvicorn from PATH: put the venv's bin first, as `source .venv/bin/activate` would
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

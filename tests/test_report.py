@@ -249,3 +249,80 @@ def test_html_and_markdown_agree(tmp_path, monkeypatch):
     assert "hypernet-frozen" in page and "frozen-start controls (no updates): hypernet-frozen, siamese-frozen" in md
     for line in (x[2:] for x in md.split("## Verdict")[1].splitlines() if x.startswith("- ")):
         assert re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", line).replace("'", "&#x27;") in page
+
+
+# --- the verdict's decisions, at their boundaries ------------------------------------------------------------
+
+def _verdict_on(method_entry: dict, scratch_entry: dict | None = None, **kw) -> list[str]:
+    split = {"scratch": scratch_entry or entry(0.02, 0.30, None), "hypernet": method_entry}
+    return verdict({"interp": split}, threshold=0.9, confidence=0.95, **kw)
+
+
+@pytest.mark.parametrize(("low", "high", "said"), [
+    (0.01, 0.2, "has a significantly higher AUC than scratch"),
+    (-0.2, -0.01, "has a significantly lower AUC than scratch"),
+    (0.0, 0.2, "is not significantly different from scratch in AUC"),     # a CI that touches zero contains it
+    (-0.2, 0.0, "is not significantly different from scratch in AUC"),
+    (-0.1, 0.1, "is not significantly different from scratch in AUC"),
+    (float("nan"), float("nan"), "is not significantly different from scratch in AUC"),  # unknown: no claim
+])
+def test_paired_auc_verdict_needs_a_ci_that_excludes_zero(low, high, said):
+    m = entry(0.5, 0.5, (low, high))
+    line = _line(_verdict_on(m), "On interpolation tasks, **hypernet** ")
+    assert said in line and "(paired AUC difference" in line
+    others = {"has a significantly higher AUC than scratch", "has a significantly lower AUC than scratch",
+              "is not significantly different from scratch in AUC"} - {said}
+    assert not any(o in line for o in others)
+
+
+def test_paired_auc_verdict_without_its_ci_makes_no_claim():
+    m = entry(0.5, 0.5, (0.1, 0.3))
+    del m["auc_diff_vs_scratch_ci_low"], m["auc_diff_vs_scratch_ci_high"]
+    line = _line(_verdict_on(m), "On interpolation tasks, **hypernet** ")
+    assert "is not significantly different from scratch in AUC" in line
+
+
+@pytest.mark.parametrize(("zero_shot", "said"), [
+    (0.5, "significantly better than scratch at zero-shot"),
+    (0.12, "not significantly different from scratch at zero-shot"),  # [0.07, 0.17] overlaps scratch's [-0.03, 0.07]
+    (-0.2, "significantly worse than scratch at zero-shot"),
+])
+def test_zero_shot_verdict_is_from_the_overlap_of_the_cis(zero_shot, said):
+    line = _line(_verdict_on(entry(zero_shot, 0.5, (0.1, 0.3))), "On interpolation tasks, **hypernet** ")
+    assert said in line
+
+
+def test_unpaired_auc_verdict_is_from_the_overlap_of_the_cis():
+    touching = entry(0.5, 0.40, None, new=False)  # AUC CI [0.35, 0.45] ...
+    touching["auc_ci_low"] = 0.35
+    scratch = entry(0.02, 0.30, None, new=False)  # ... vs scratch's [0.25, 0.35]: they share a point
+    assert "is not significantly different in AUC" in _line(_verdict_on(touching, scratch), "On interpolation")
+    above = entry(0.5, 0.41, None, new=False)
+    assert "learns significantly faster (AUC)" in _line(_verdict_on(above, scratch), "On interpolation")
+    below = entry(0.5, 0.19, None, new=False)
+    assert "learns significantly slower (AUC)" in _line(_verdict_on(below, scratch), "On interpolation")
+
+
+@pytest.mark.parametrize(("paired", "said"), [
+    ((0.05, 0.01, 0.1), "fine-tuning improved significantly on hypernet's frozen start"),
+    ((-0.05, -0.1, -0.01), "fine-tuning made significantly worse hypernet's frozen start"),
+    ((0.02, 0.0, 0.05), "fine-tuning did not significantly change hypernet's frozen start"),
+])
+def test_fine_tuning_verdict_against_the_frozen_start(paired, said):
+    split = {"scratch": entry(0.02, 0.30, None), "hypernet": entry(0.9, 0.5, (0.1, 0.3)),
+             "hypernet-frozen": entry(0.9, 0.45, (0.05, 0.25))}
+    lines = verdict({"interp": split}, threshold=0.9, confidence=0.95,
+                    frozen_diffs={("interp", "hypernet"): paired})
+    line = _line(lines, "On interpolation tasks, fine-tuning ")
+    assert line.startswith(f"On interpolation tasks, {said}")
+    assert "the frozen start alone is significantly better than scratch" in line
+    # a frozen control is a control, not a method of its own: no verdict line against scratch for it
+    assert not any(x.startswith("On interpolation tasks, **hypernet-frozen**") for x in lines)
+
+
+def test_verdict_says_nothing_about_a_split_without_scratch():
+    metrics = make_metrics()
+    metrics["extrap"] = {k: v for k, v in metrics["extrap"].items() if k != "scratch"}  # splits share one dict
+    lines = verdict(metrics, threshold=0.9, confidence=0.95)
+    assert not any("extrapolation" in line for line in lines)
+    assert any(line.startswith("On interpolation tasks, **hypernet** ") for line in lines)

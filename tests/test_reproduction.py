@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.test_pipeline_dvc import dvc, make_project
+from tests.helpers import dvc, make_project
 
 # wall-clock times live in MLflow only, so every metrics file must match byte for byte; the report names
 # the git commit and the run's time, so it may differ
@@ -45,6 +45,8 @@ def test_two_clones_reproduce_the_same_outputs_and_a_third_pulls_them(tiny_proje
     pull = dvc(c, "pull")
     assert pull.returncode == 0, pull.stderr[-2000:]
     status = dvc(c, "status")
+    assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
     again = dvc(c, "repro")
-    assert "Running stage" not in again.stdout
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "Running stage" not in again.stdout, again.stdout[-2000:]

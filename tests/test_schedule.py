@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.test_pipeline_dvc import BIN, dvc, make_project, project_env
-from tests.test_registry import _free_port
+from tests.helpers import BIN, dvc, free_port, make_project, project_env
 
 BRANCH = "metadqn-scheduled"
 FIRST, SECOND = "2026-11-27T03:00:00Z", "2026-11-28T03:00:00Z"
@@ -100,7 +99,9 @@ def test_an_unchanged_pipeline_run_is_fast_and_registers_nothing(scheduled):
     start = time.perf_counter()
     out = _ok(metadqn(project, "pipeline"))
     elapsed = time.perf_counter() - start
-    assert elapsed < 30, f"unchanged pipeline run took {elapsed:.1f} s"
+    # that nothing reran is checked below; the time is only a loose sanity bound (was 30 s), generous enough for
+    # a loaded CI machine
+    assert elapsed < 120, f"unchanged pipeline run took {elapsed:.1f} s"
     assert "Running stage" not in out and "(challenger)" not in out and "new version" not in out.replace(
         "0 new version", "")
     assert "unchanged" in out
@@ -110,7 +111,7 @@ def test_an_unchanged_pipeline_run_is_fast_and_registers_nothing(scheduled):
 def prefect_server(scheduled):
     """`prefect server start` on loopback, as the README runs it (the scheduler lives in the server)."""
     project = scheduled[0]
-    port = _free_port()
+    port = free_port()
     env = project_env(project)
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

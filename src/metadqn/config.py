@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from metadqn.learners import METHODS, SELECTABLE
+
 DEFAULT_PARAMS = Path("params.yaml")
 PARAMS_ENV = "METADQN_PARAMS"
 DASK_ADDRESS_ENV = "METADQN_DASK_ADDRESS"
@@ -264,9 +266,9 @@ class MetaTrainConfig(_Section):
 
     seed: int = 0
     """Seed of every meta-learner."""
-    learners: list[Literal["hypernet", "siamese", "reptile", "multitask"]] = Field(
-        default_factory=lambda: ["hypernet", "siamese", "reptile", "multitask"], min_length=1)
-    """Which learners to train."""
+    learners: list[str] = Field(default_factory=lambda: list(SELECTABLE), min_length=1)
+    """Which learners to train (names from :data:`metadqn.learners.LEARNERS`; ``hypernet-oracle`` comes with
+    ``hypernet``, see ``hypernet.oracle``)."""
     context_size: int = Field(64, ge=1)
     """C: transitions in a task's context (uniform-random policy)."""
     encoder: Literal["deepset", "gru"] = "deepset"
@@ -284,8 +286,19 @@ class MetaTrainConfig(_Section):
     reptile: ReptileConfig = Field(default_factory=ReptileConfig)
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
 
+    @field_validator("learners")
+    @classmethod
+    def _known_learners(cls, v: list[str]) -> list[str]:
+        return _check_names(v, SELECTABLE, "learner")
 
-METHODS = ("hypernet", "hypernet-oracle", "siamese", "reptile", "multitask", "scratch")
+
+def _check_names(v: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    unknown = [n for n in v if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})")
+    return v
+
+
 FROZEN_SUFFIX = "-frozen"
 """A meta-learned method's frozen-start control is reported as ``<method>-frozen``."""
 
@@ -378,8 +391,7 @@ class MetaTestConfig(_Section):
     """Seed of contexts and fine-tuning runs."""
     seeds: int = Field(5, ge=1)
     """Fine-tuning runs per (task, method)."""
-    methods: list[Literal["hypernet", "hypernet-oracle", "siamese", "reptile", "multitask", "scratch"]] = Field(
-        default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1)
     """Methods to compare (a meta-learned one is skipped, with a warning, if meta_train did not produce it)."""
     budget_steps: int = Field(20_000, ge=1)
     """T: environment steps per run, the context's C transitions included (equal for every method)."""
@@ -397,6 +409,11 @@ class MetaTestConfig(_Section):
     """Report each meta-learned start without fine-tuning as ``<method>-frozen`` (the "do nothing" curve)."""
     search: SearchConfig = Field(default_factory=SearchConfig)
     """Fine-tuning configurations tried per meta-learned method on validation tasks."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        return _check_names(v, METHODS, "method")
 
     def dqn(self, base: DQNConfig, context_steps: int, finetune: FinetuneConfig | None = None) -> DQNConfig:
         """A fine-tuning run's DQN config: ``base`` with the candidate's overrides, and the budget (T minus the
@@ -426,10 +443,18 @@ class RegistryConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    """Where the fan-out of the collect and meta_test stages runs (never changes a result)."""
+    """Where the fan-out of the collect, finetune_search and meta_test stages runs (never changes a result;
+    see flows/runners.py)."""
 
-    kind: Literal["local", "dask"] = "local"
-    """local: Prefect's thread pool in the stage process; dask: Prefect's DaskTaskRunner on a Dask cluster."""
+    kind: Literal["processes", "local", "dask"] = "processes"
+    """processes: a pool of ``workers`` processes of ``threads`` torch threads each, started by the stage;
+    local: one group after another in the stage process; dask: Prefect's DaskTaskRunner on a Dask cluster."""
+    workers: int = Field(2, ge=1, le=256)
+    """Worker processes when kind is processes: the number of groups trained at once. Set it to the cores
+    you want the stage to use (a stage has at most a handful of groups; more workers than groups idle)."""
+    threads: int = Field(1, ge=1, le=256)
+    """torch threads per worker process when kind is processes. 1 keeps a stage's speed when other programs
+    share the machine (a process of several OpenMP threads stalls whenever one of them is descheduled)."""
     address: str | None = None
     """Scheduler address of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 ($METADQN_DASK_ADDRESS
     overrides it). Required when kind is dask."""

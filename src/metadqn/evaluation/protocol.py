@@ -38,10 +38,11 @@ network, which sharpens the paired comparison.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from metadqn.dqn.rollout import collect_transitions
 from metadqn.dqn.trainer import train_dqn
 from metadqn.envs.families import Family
 from metadqn.envs.sampling import task_matrix
+from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.meta.context import features_from_arrays, oracle_features
 from metadqn.meta.model import MetaModel
 from metadqn.progress import Progress
@@ -93,6 +95,11 @@ class ProtocolGroup:
     candidates: list[str] = field(default_factory=list)
     """Slot k's configuration, when a group mixes them (the search); empty: every slot is ``candidate``."""
 
+    @property
+    def label(self) -> str:
+        """Its name in logs and the Prefect UI."""
+        return f"{self.method}-{self.candidate}"
+
 
 @dataclass
 class GroupRun:
@@ -118,13 +125,6 @@ class ProtocolResult:
     budget_steps: int
     groups: int = 1
     """How many groups (batched trainer runs) the fine-tuning was split into."""
-
-
-GroupMapper = Callable[[Callable[[ProtocolGroup], GroupRun], list[ProtocolGroup]], list[GroupRun]]
-
-
-def run_in_process(fn: Callable[[ProtocolGroup], GroupRun], groups: list[ProtocolGroup]) -> list[GroupRun]:
-    return [fn(g) for g in groups]
 
 
 def available_methods(params: Params, models: Path) -> list[str]:
@@ -261,10 +261,7 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
              "method; configurations: %s", len(tests), len(groups), mt.seeds, sum(len(g.task_ids) for g in groups),
              mt.budget_steps - c, c, ", ".join(f"{g.method}={g.candidate}" for g in groups))
 
-    def fn(group: ProtocolGroup) -> GroupRun:
-        return finetune_group(family, group)
-
-    results = map_groups(fn, groups)
+    results = map_groups(functools.partial(finetune_group, family), groups)
     if [r.method for r in results] != [g.method for g in groups]:
         raise RuntimeError("map_groups must return one result per group, in order")
 

@@ -30,21 +30,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.lines import Line2D
 
 from metadqn import paths
 from metadqn.config import FROZEN_SUFFIX, MetaTestConfig, Params
+from metadqn.dag import recorded_md5
 from metadqn.data.io import atomic_path, dvc_md5, write_text
 from metadqn.evaluation.metrics import iqm, stratified_iqm_ci
+from metadqn.learners import LEARNERS, SCRATCH, SCRATCH_COLOR
 
 SEARCH_SECTION = "Fine-tuning configuration search (validation tasks)"
 SECTIONS = ("What was run", "Headline results", "Learning curves", "Zero-shot return", "Per-task comparison",
             "Siamese retrieval", "Expert returns", SEARCH_SECTION, "Verdict")
 SPLIT_NAMES = {"interp": "interpolation", "extrap": "extrapolation"}
-METHOD_ORDER = ("scratch", "hypernet", "hypernet-oracle", "siamese", "reptile", "multitask")
-COLORS = {"hypernet": "#1f77b4", "hypernet-oracle": "#aec7e8", "siamese": "#2ca02c", "reptile": "#9467bd",
-          "multitask": "#ff7f0e", "scratch": "#7f7f7f"}
+METHOD_ORDER = (SCRATCH, *LEARNERS)
+COLORS = {SCRATCH: SCRATCH_COLOR, **{name: entry.color for name, entry in LEARNERS.items()}}
 
 
 @dataclass
@@ -438,12 +438,9 @@ def figure_experts(collect: Mapping[str, Any], path: Path, solved: float) -> Pat
 
 
 def _data_hash() -> str:
-    lock = Path("dvc.lock")
-    if lock.exists():
-        for stage in yaml.safe_load(lock.read_text()).get("stages", {}).values():
-            for out in stage.get("outs", []):
-                if out.get("path") == str(paths.TRAJECTORIES):
-                    return out["md5"]
+    recorded = recorded_md5(paths.TRAJECTORIES)
+    if recorded:
+        return recorded
     return dvc_md5(paths.TRAJECTORIES) if paths.TRAJECTORIES.exists() else "unknown"
 
 

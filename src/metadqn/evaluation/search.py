@@ -22,6 +22,7 @@ depend on its place in the run, so candidates are not compared under common rand
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -37,16 +38,14 @@ from metadqn.envs.sampling import task_matrix
 from metadqn.evaluation.metrics import task_bootstrap_iqm_ci
 from metadqn.evaluation.protocol import (
     Choice,
-    GroupMapper,
-    GroupRun,
     ProtocolGroup,
     finetune_config,
     finetune_group,
     group_seed,
     initial_networks,
-    run_in_process,
 )
 from metadqn.evaluation.summary import min_curve_iqm, per_run_scores
+from metadqn.fanout import GroupMapper, run_in_process
 
 log = logging.getLogger("metadqn.finetune_search")
 SEARCH_SPLIT = "val"
@@ -118,10 +117,7 @@ def run_search(params: Params, store: TaskStore, models: Path,
              "reference), in %d batched runs", len(mt.search.candidates), len(learned),
              len(set(groups[0].task_ids)), mt.search.seeds, len(groups))
 
-    def fn(group: ProtocolGroup) -> GroupRun:
-        return finetune_group(family, group)
-
-    results = map_groups(fn, groups)
+    results = map_groups(functools.partial(finetune_group, family), groups)
     expert = store.expert_returns(sorted(set(groups[0].task_ids)))
     frames = []
     for group, res in zip(groups, results, strict=True):

@@ -15,11 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from metadqn.data.io import atomic_path, load_state_dict, save_state_dict
-from metadqn.dqn.qnetwork import StateDict, flatten_state_dict, param_shapes, unflatten_state_dict
+from metadqn.dqn.qnetwork import StateDict, param_shapes, unflatten_state_dict
 from metadqn.envs.families import get_family
+from metadqn.learners import get_learner
 from metadqn.meta.context import ContextEncoder, feature_dim
-
-LEARNERS = ("hypernet", "hypernet-oracle", "siamese", "reptile", "multitask")
 
 
 @dataclass
@@ -38,11 +37,11 @@ class MetaModelConfig:
 
     @property
     def uses_context(self) -> bool:
-        return self.learner in ("hypernet", "siamese")
+        return get_learner(self.learner).task_input == "context"
 
     @property
     def uses_physics(self) -> bool:
-        return self.learner == "hypernet-oracle"
+        return get_learner(self.learner).task_input == "physics"
 
 
 class MetaModel:
@@ -94,12 +93,13 @@ class MetaModel:
         cfg = MetaModelConfig(**json.loads((folder / "config.json").read_text()))
         sd = load_state_dict(folder / "model.pt")
         family = get_family(cfg.family)
-        if cfg.learner in ("reptile", "multitask"):
+        kind = get_learner(cfg.learner).module
+        if kind == "init":
             return cls(cfg, theta=sd)
-        kind = "oracle" if cfg.uses_physics else cfg.encoder
+        encoder_kind = "oracle" if cfg.uses_physics else cfg.encoder
         in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
-        encoder = ContextEncoder(kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
-        if cfg.learner.startswith("hypernet"):
+        encoder = ContextEncoder(encoder_kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
+        if kind == "hypernet":
             module: nn.Module = HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions,
                                        cfg.q_hidden, base_seed=0)
         else:
@@ -109,7 +109,3 @@ class MetaModel:
         module.load_state_dict(sd)
         return cls(cfg, module=module.eval())
 
-
-def flat_params(sd: StateDict, family_name: str, hidden: list[int]) -> Tensor:
-    f = get_family(family_name)
-    return flatten_state_dict(sd, param_shapes(f.obs_dim, f.n_actions, hidden))

@@ -25,11 +25,12 @@ curves are rebuilt from the cards of the current tasks, so they are the same as 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 
 from metadqn import paths
 from metadqn.config import CollectConfig, DQNConfig, Params
+from metadqn.dag import code_digest
 from metadqn.data import pool as task_pool
 from metadqn.data import trajectories as traj
 from metadqn.data.io import atomic_path, dvc_md5, save_state_dict, write_json
@@ -49,6 +51,7 @@ from metadqn.dqn.rollout import GreedyEvaluator, collect_transitions
 from metadqn.dqn.trainer import train_dqn
 from metadqn.envs.families import Family
 from metadqn.envs.sampling import check_disjoint, sample_tasks, task_matrix
+from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.progress import Progress
 
 log = logging.getLogger("metadqn.collect")
@@ -179,26 +182,8 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
     )
 
 
-GroupMapper = Callable[[Callable[[pd.DataFrame], GroupResult], list[pd.DataFrame]], list[GroupResult]]
-
 HELD_OUT = "held-out"
 """Batch name of the held-out tasks in the group plan."""
-_CODE = ("config.py", "envs", "dqn", "data", "stages/collect.py")
-"""The source collect runs (relative to the package), as listed in dvc.yaml's collect deps."""
-
-
-def run_in_process(fn: Callable[[pd.DataFrame], GroupResult], groups: list[pd.DataFrame]) -> list[GroupResult]:
-    return [fn(g) for g in groups]
-
-
-def code_digest() -> str:
-    """Hash of the source files collect runs: a code change retrains every expert."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(f for rel in _CODE for f in ([root / rel] if rel.endswith(".py") else (root / rel).rglob("*.py")))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def group_fingerprint(params: Params, group: pd.DataFrame, code: str) -> str:
@@ -348,7 +333,7 @@ def run_collect(params: Params, out: CollectOutputs = CollectOutputs(),
     _clear_stale(out.trajectories, ids, (".parquet",))
     _clear_stale(out.experts, ids, (".pt", ".json"))
 
-    code = code_digest()
+    code = code_digest("collect")  # collect's code deps in dvc.yaml: a code change retrains every expert
     groups = plan_groups(tasks, params.collect.group_size)
     prints = [group_fingerprint(params, g, code) for g in groups]
     todo = [(g, fp) for g, fp in zip(groups, prints, strict=True) if not _is_current(out, g, fp)]
@@ -356,9 +341,7 @@ def run_collect(params: Params, out: CollectOutputs = CollectOutputs(),
     log.info("collect: %d tasks of %s in %d group(s); training %d task(s) in %d group(s), reusing %d",
              len(tasks), family.name, len(groups), n_new, len(todo), len(tasks) - n_new)
 
-    def fn(group: pd.DataFrame) -> GroupResult:
-        return train_group(family, group, params.dqn, params.collect)
-
+    fn = functools.partial(train_group, family, dqn=params.dqn, collect=params.collect)
     results = map_groups(fn, [g for g, _ in todo]) if todo else []
     for (_, fp), result in zip(todo, results, strict=True):
         write_group(family, result, out, fp)

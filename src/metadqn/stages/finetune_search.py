@@ -18,8 +18,8 @@ from metadqn import paths
 from metadqn.config import Params
 from metadqn.data.io import atomic_path, write_text
 from metadqn.data.store import TaskStore
-from metadqn.evaluation.protocol import GroupMapper, run_in_process
 from metadqn.evaluation.search import run_search, selection_to_json
+from metadqn.fanout import GroupMapper, run_in_process
 
 log = logging.getLogger("metadqn.finetune_search")
 

@@ -21,9 +21,10 @@ from metadqn.config import Params
 from metadqn.data.io import atomic_path, save_state_dict, write_json
 from metadqn.data.store import TaskStore
 from metadqn.envs.sampling import SPLITS
-from metadqn.evaluation.protocol import GroupMapper, run_in_process, run_protocol
+from metadqn.evaluation.protocol import run_protocol
 from metadqn.evaluation.search import load_selection
 from metadqn.evaluation.summary import per_run_scores, summarise
+from metadqn.fanout import GroupMapper, run_in_process
 
 log = logging.getLogger("metadqn.meta_test")
 

@@ -28,6 +28,7 @@ from metadqn.config import Params
 from metadqn.data.io import atomic_path, write_json
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
+from metadqn.learners import get_learner
 from metadqn.meta.context import ContextEncoder, feature_dim
 from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
 from metadqn.meta.model import MetaModel, MetaModelConfig
@@ -73,7 +74,11 @@ def val_zero_shot(model: MetaModel, data: MetaData, params: Params) -> np.ndarra
     return returns / data.val.expert_return
 
 
-def train_hypernet(data: MetaData, params: Params, oracle: bool = False) -> LearnerResult:
+# Trainers: one per entry of metadqn.learners.LEARNERS, each (data, params, scores) -> LearnerResult, where
+# scores is the normalised cross-evaluation matrix (expert i's return on task j / task j's expert return).
+
+def train_hypernet(data: MetaData, params: Params, scores: np.ndarray | None = None,
+                   oracle: bool = False) -> LearnerResult:
     from metadqn.meta.hypernet import fit_hypernet
 
     name = "hypernet-oracle" if oracle else "hypernet"
@@ -83,6 +88,10 @@ def train_hypernet(data: MetaData, params: Params, oracle: bool = False) -> Lear
     return LearnerResult(name, model, {"val_selection_score": fit.val_score,
                                        **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)}},
                          fit.curves)
+
+
+def train_hypernet_oracle(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
+    return train_hypernet(data, params, scores, oracle=True)
 
 
 def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
@@ -111,14 +120,14 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
     return LearnerResult("siamese", model, {"top1_retrieval": top1, "random_top1": random_top1}, fit.curves)
 
 
-def train_reptile(data: MetaData, params: Params) -> LearnerResult:
+def train_reptile(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
     from metadqn.meta.reptile import fit_reptile
 
     theta, curves = fit_reptile(data, params)
     return LearnerResult("reptile", MetaModel(_model_config(params, "reptile", data), theta=theta), {}, curves)
 
 
-def train_multitask(data: MetaData, params: Params) -> LearnerResult:
+def train_multitask(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
     from metadqn.meta.multitask import fit_multitask
 
     theta, curves = fit_multitask(data, params)
@@ -126,6 +135,8 @@ def train_multitask(data: MetaData, params: Params) -> LearnerResult:
 
 
 def learner_names(params: Params) -> list[str]:
+    """The learners this run trains, in order: those listed, each followed by its variants (the oracle
+    hypernet when ``hypernet.oracle``); ``features: oracle`` trains the oracle in the hypernet's place."""
     names = list(params.meta_train.learners)
     if "hypernet" in names and params.meta_train.hypernet.oracle:
         names.insert(names.index("hypernet") + 1, "hypernet-oracle")
@@ -137,20 +148,10 @@ def learner_names(params: Params) -> list[str]:
 
 
 def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
-    """Trains one learner and measures it on the validation tasks."""
+    """Trains one learner (its trainer from :data:`metadqn.learners.LEARNERS`) and measures it on the
+    validation tasks."""
     start = time.perf_counter()
-    if name == "hypernet":
-        result = train_hypernet(data, params)
-    elif name == "hypernet-oracle":
-        result = train_hypernet(data, params, oracle=True)
-    elif name == "siamese":
-        result = train_siamese(data, params, scores)
-    elif name == "reptile":
-        result = train_reptile(data, params)
-    elif name == "multitask":
-        result = train_multitask(data, params)
-    else:
-        raise ValueError(f"unknown learner {name!r}")
+    result = get_learner(name).train()(data, params, scores)
     zs = val_zero_shot(result.model, data, params)
     result.metrics = {"val_zero_shot_normalized": float(zs.mean()), "val_zero_shot_min": float(zs.min()),
                       **result.metrics, "wall_s": round(time.perf_counter() - start, 2)}

@@ -21,9 +21,9 @@ from typing import Any
 from metadqn import paths
 from metadqn.config import Params
 from metadqn.data.io import dvc_md5
+from metadqn.learners import LEARNERS
 
 CHALLENGER, CHAMPION = "challenger", "champion"
-META_LEARNERS = ("hypernet", "hypernet-oracle", "siamese", "reptile", "multitask")
 
 
 def model_name(family: str, learner: str) -> str:
@@ -71,7 +71,7 @@ def register_meta_models(params: Params, provenance: dict[str, str], models: Pat
     client = mlflow.MlflowClient()
     out: list[Registered] = []
     todo = []
-    for learner in META_LEARNERS:
+    for learner in LEARNERS:
         folder = models / learner
         if not (folder / "model.pt").exists():
             continue
@@ -134,7 +134,7 @@ def promote(params: Params, name: str | None = None, dry_run: bool = False) -> l
     import mlflow
 
     client = mlflow.MlflowClient()
-    names = [name] if name else [model_name(params.family.name, m) for m in META_LEARNERS]
+    names = [name] if name else [model_name(params.family.name, m) for m in LEARNERS]
     decisions = []
     for n in names:
         try:
