@@ -12,11 +12,12 @@ is the zero-shot return. Returns are normalised by the task's expert return from
 Groups. Contexts and initial networks are built in the stage process (they need the meta-models on
 disk); the fine-tuning is split into one :class:`ProtocolGroup` per method (every test task x seed of
 that method, one batched trainer run), and ``map_groups`` trains the groups wherever the runner says (in
-process, Prefect's thread pool, one Dask task per group). A group carries everything it needs, so a
-worker reads no file. Per method because: a method's numbers then never depend on which other methods
-were compared; the groups are equal-sized, so they balance across Dask workers; and K = tasks x seeds
-(80 with the default params) is where the batched trainer is most efficient on CPU (measured on 2 cores,
-one thread, 4k-step budget: 480 runs in one batch 94 s, 6 x 80 in 70 s, 3 x 160 in 67 s, 30 x 16 in 94 s).
+process, in worker processes, one Dask task per group; see :mod:`metadqn.fanout`). A group carries
+everything it needs, so a worker reads no file. Per method because: a method's numbers then never depend
+on which other methods were compared; the groups are equal-sized, so they balance across workers; and
+K = tasks x seeds (80 with the default params) is where the batched trainer is most efficient on CPU
+(measured on 2 cores, one thread, 4k-step budget: 480 runs in one batch 94 s, 6 x 80 in 70 s, 3 x 160 in
+67 s, 30 x 16 in 94 s).
 
 Fine-tuning configurations. Each meta-learned method fine-tunes with its own configuration (a
 :class:`~metadqn.config.FinetuneConfig`), chosen on validation tasks by the finetune_search stage
@@ -250,7 +251,7 @@ def frozen_curves(curves: pd.DataFrame, start_return: np.ndarray) -> pd.DataFram
 
 def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: GroupMapper = run_in_process,
                  choices: dict[str, Choice] | None = None) -> ProtocolResult:
-    """The whole protocol. ``map_groups`` trains the groups (in process, Prefect threads, Dask);
+    """The whole protocol. ``map_groups`` trains the groups (see :mod:`metadqn.fanout`);
     ``choices`` are the meta-learned methods' fine-tuning configurations (from the search)."""
     family = params.family.family()
     mt = params.meta_test

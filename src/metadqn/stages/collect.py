@@ -11,7 +11,7 @@ replay buffer).
 
 Tasks are trained in groups (one batched trainer each): the held-out tasks, then each batch of the pool,
 each cut into chunks of ``collect.group_size``. The seed of a group derives from ``collect.seed`` and its
-task ids only, so a group's result is the same whichever runner (in-process, Prefect threads, a Dask
+task ids only, so a group's result is the same whichever runner (in-process, a worker process, a Dask
 worker) trains it, and whether it is trained today or recomputed from scratch in a fresh clone.
 
 Collect is incremental: every task's outputs are keyed by its task_id (``<task_id>.pt``, ``.parquet`` and
@@ -317,8 +317,8 @@ def task_sets(params: Params, pool: pd.DataFrame) -> pd.DataFrame:
 
 def run_collect(params: Params, out: CollectOutputs = CollectOutputs(),
                 map_groups: GroupMapper = run_in_process, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """The whole stage. ``map_groups`` runs ``train_group`` over the groups that need training (in
-    process, on Prefect's task runner, on Dask)."""
+    """The whole stage. ``map_groups`` runs ``train_group`` over the groups that need training (see
+    :mod:`metadqn.fanout`: in process, in worker processes, on Dask)."""
     from metadqn.tracking.runs import log_dataset, log_step_metrics, stage_run
 
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 fine-tuned Q-networks (``models/adapted/<task_id>/<method>-seed<s>.pt``, indexed by ``index.csv``).
 
 The fine-tuning runs as one group per method (see :mod:`metadqn.evaluation.protocol`); ``map_groups``
-decides where the groups train (in process, Prefect threads, Dask) and never changes a result. Every
+decides where the groups train (in process, worker processes, Dask) and never changes a result. Every
 output file is exactly reproducible: the stage's wall time goes to the log and to MLflow only.
 """
 
@@ -41,7 +41,7 @@ class MetaTestOutputs:
 def run_meta_test(params: Params, store: TaskStore, models: Path = paths.META_MODELS,
                   out: MetaTestOutputs = MetaTestOutputs(), tags: dict[str, str] | None = None,
                   map_groups: GroupMapper = run_in_process, selected: Path | None = None) -> dict[str, Any]:
-    """The whole stage. ``map_groups`` fine-tunes the protocol's groups (in process, Prefect, Dask);
+    """The whole stage. ``map_groups`` fine-tunes the protocol's groups (see :mod:`metadqn.fanout`);
     ``selected`` is the finetune_search stage's selection (None: every method fine-tunes with the dqn
     section)."""
     from metadqn.tracking.runs import stage_run
