@@ -162,11 +162,8 @@ def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool
             lines = register_and_promote()
         if record:
             commit = record_run(params, when, new_tasks, lines)
-    if Path("reports/report.md").exists():
-        text = Path("reports/report.md").read_text()
-        start = text.find("## Headline results")
-        end = text.find("## Learning curves")
-        create_markdown_artifact(markdown=text[start:end] if start >= 0 else text, key="metadqn-pipeline-summary",
+    if paths.REPORT_SUMMARY.exists():
+        create_markdown_artifact(markdown=paths.REPORT_SUMMARY.read_text(), key="metadqn-pipeline-summary",
                                  description="meta-test summary of the latest pipeline run")
     print("pipeline up to date; report: reports/report.html (metrics: reports/metrics.json)")
     return {"new_tasks": new_tasks, "registry": lines, "commit": commit}

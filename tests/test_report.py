@@ -225,7 +225,7 @@ def test_search_section_lists_every_candidate_and_marks_the_selected(tmp_path, m
             assert ("**yes**" in row) == (cand == "frozen-body")
     assert "0.60 [0.55, 0.65]" in _line(rows, "| hypernet | **frozen-body** |")
     assert "learning_rate=0.0001" in section
-    assert page.count("<b>frozen-body</b>") == 2 and SEARCH_SECTION in page
+    assert page.count("<strong>frozen-body</strong>") == 2 and SEARCH_SECTION in page
     for section_name in SECTIONS:
         assert f"## {section_name}" in md
 
@@ -243,12 +243,31 @@ def test_missing_search_and_old_metrics_still_build(tmp_path, monkeypatch):
     assert page.count("data:image/png;base64,") == len(result.figures) == 5 and "<script" not in page
 
 
-def test_html_and_markdown_agree(tmp_path, monkeypatch):
-    _, md, page = build(tmp_path, monkeypatch)
-    assert page.count("data:image/png;base64,") == 5 and "<script" not in page
+def test_html_is_the_markdown_rendered(tmp_path, monkeypatch):
+    from markdown_it import MarkdownIt
+
+    result, md, page = build(tmp_path, monkeypatch)
+    assert page.count("data:image/png;base64,") == 5 and "<script" not in page and 'src="figures/' not in page
     assert "hypernet-frozen" in page and "frozen-start controls (no updates): hypernet-frozen, siamese-frozen" in md
+    headings = [line.lstrip("#").strip() for line in md.splitlines() if line.startswith("## ")]
+    assert re.findall(r"<h2>(.*?)</h2>", page) == headings
+    tables = sum(1 for i, line in enumerate(md.splitlines()) if line.startswith("|---"))
+    assert page.count("<table>") == tables >= 3
+    renderer = MarkdownIt("commonmark").enable("table")
     for line in (x[2:] for x in md.split("## Verdict")[1].splitlines() if x.startswith("- ")):
-        assert re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", line).replace("'", "&#x27;") in page
+        assert renderer.renderInline(line) in page
+    # summary.md: the headline tables and the verdict, exactly as in the report
+    summary = result.summary.read_text()
+    assert summary.startswith("## Headline results") and "## Verdict" in summary
+    assert summary.split("## Verdict")[1].strip() in md and "| method | zero-shot" in summary
+
+
+def test_markup_in_inputs_is_escaped_in_the_html(tmp_path, monkeypatch):
+    params = make_params()
+    params = params.model_copy(update={"report": params.report.model_copy(
+        update={"title": "<script>alert(1)</script> report"})})
+    _, md, page = build(tmp_path, monkeypatch, params)
+    assert md.startswith("# <script>") and "<script" not in page and "&lt;script&gt;alert(1)" in page
 
 
 # --- the verdict's decisions, at their boundaries ------------------------------------------------------------

@@ -249,19 +249,33 @@ def meta_test(
 def report(
     params: ParamsOpt = None,
     base_params: BaseOpt = Path("params.yaml"),
-    out_dir: Annotated[Path, typer.Option(help="Output: report.html, report.md, figures/.")] = Path("reports"),
-    search: Annotated[Path, typer.Option(help="Input: the fine-tuning search summary.")] = paths.FINETUNE_SEARCH,
-    selected: Annotated[Path, typer.Option(help="Input: the fine-tuning selection.")] = paths.FINETUNE_SELECTED,
+    out_dir: Annotated[Path, typer.Option(help="Output: report.md, report.html, summary.md, figures/.")] = Path(
+        "reports"),
+    metrics: Annotated[Path, typer.Option(help="Input: meta-test metrics.")] = paths.METRICS,
+    curves: Annotated[Path, typer.Option(help="Input: meta-test curves (parquet).")] = paths.META_TEST_CURVES_PARQUET,
+    scores: Annotated[Path, typer.Option(help="Input: meta-test per-run scores.")] = paths.META_TEST_SCORES,
+    meta_train_metrics: Annotated[Path, typer.Option(help="Input (optional): meta-train metrics.")] = (
+        paths.META_TRAIN_METRICS),
+    collect_metrics: Annotated[Path, typer.Option(help="Input: collect metrics.")] = paths.COLLECT_METRICS,
+    tasks: Annotated[Path, typer.Option(help="Input: the task table.")] = paths.TASKS,
+    search: Annotated[Path, typer.Option(help="Input (optional): the fine-tuning search summary.")] = (
+        paths.FINETUNE_SEARCH),
+    selected: Annotated[Path, typer.Option(help="Input (optional): the fine-tuning selection.")] = (
+        paths.FINETUNE_SELECTED),
 ) -> None:
-    """Write the evaluation report (reports/report.html, self-contained, and reports/report.md)."""
+    """Write the evaluation report (report.md, report.html rendered from it, summary.md, figures/)."""
     _setup_logging()
     cfg = _load(base_params, params)
     from flows.report import report_flow
 
-    for need in (paths.METRICS, paths.META_TEST_CURVES_PARQUET, paths.META_TEST_SCORES):
+    for need, stage in ((metrics, "meta_test"), (curves, "meta_test"), (scores, "meta_test"),
+                        (collect_metrics, "collect"), (tasks, "collect")):
         if not need.exists():
-            raise _fail(f"{need}: not found; run `dvc repro meta_test` first")
-    html = report_flow(cfg, out_dir, search, selected)
+            raise _fail(f"{need}: not found; run `dvc repro {stage}` first")
+    inputs = {"metrics_path": metrics, "curves_path": curves, "scores_path": scores,
+              "meta_train_path": meta_train_metrics, "collect_path": collect_metrics, "tasks_path": tasks,
+              "search_path": search, "selected_path": selected}
+    html = report_flow(cfg, out_dir, inputs)
     typer.echo(f"report: {html}")
 
 

@@ -30,3 +30,4 @@ FINETUNE_REPORTS = Path("reports/finetune")
 FINETUNE_SEARCH = FINETUNE_REPORTS / "search.csv"
 FINETUNE_SEARCH_SCORES = FINETUNE_REPORTS / "scores.csv"
 FINETUNE_SELECTED = FINETUNE_REPORTS / "selected.json"
+REPORT_SUMMARY = Path("reports/summary.md")

@@ -210,86 +210,31 @@ def train_dqn(
     device = resolve_device(cfg.device)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    if tasks.ndim == 3:
-        if evaluate:
-            raise ValueError("per-environment tasks [K, E, P] need evaluate=False")
-        k, e = int(tasks.shape[0]), int(tasks.shape[1])
-    else:
-        k, e = int(tasks.shape[0]), cfg.envs_per_task
+    k, e = _slots(tasks, cfg, evaluate)
     levers = SlotLevers.build(finetune, k, device)
     seeds = np.random.SeedSequence(seed).generate_state(4 + k)
     env_seed, eval_seed, torch_seed, np_seed = (int(s) for s in seeds[:4])
     rng = np.random.default_rng(np_seed)
     gen = torch.Generator(device=device).manual_seed(torch_seed)
 
-    def network() -> BatchedQNetwork:
-        return BatchedQNetwork(k, family.obs_dim, family.n_actions, cfg.hidden_sizes).to(device)
-
-    def fresh(s: np.uint32) -> StateDict:
-        return init_state_dict(family.obs_dim, family.n_actions, cfg.hidden_sizes, int(s))
-
-    init = list(init) if init is not None else [None] * k
-    if len(init) != k:
-        raise ValueError(f"got {len(init)} initial parameter sets for {k} tasks")
-    start_net = network()
-    start_net.load_slots([sd if sd is not None else fresh(s) for sd, s in zip(init, seeds[4:], strict=True)])
-    online = network()
-    online.load_state_dict(start_net.state_dict())
-    shrunk = bool((levers.shrink < 1.0).any())
-    if shrunk:  # shrink-and-perturb towards a fresh network of the slot's own seed
-        noise = network()
-        noise.load_slots([fresh(s) for s in seeds[4:]])
-        levers.shrink_towards(online, noise)
-    target = network()
-    target.load_state_dict(online.state_dict())
-    best = network()
-    best.load_state_dict(online.state_dict())
-    updater = Updater(cfg, levers, online, target, start_net if levers.anchor != "none" else None, gen)
-
-    env = family.vector_env(tasks.reshape(k * e, -1), 1) if tasks.ndim == 3 else family.vector_env(tasks, e)
-    obs_np, _ = env.reset(seed=env_seed)
-    obs = torch.as_tensor(obs_np, device=device).view(k, e, -1)
-    replay = BatchedReplayBuffer(k, cfg.buffer_size, family.obs_dim, e, device)
-    protected = BatchedReplayBuffer(k, levers.protected_steps, family.obs_dim, e, device) \
-        if levers.protected_steps > 0 else None
-    prefilled = 0
-    if prefill is not None:
-        replay.extend(list(prefill))
-        prefilled = len(prefill[0]["action"])
-    tracker = EpisodeTracker(k, e)
-    prev_done = np.zeros(k * e, dtype=bool)
+    nets = _Networks.build(family, cfg, k, device, init, seeds[4:], levers)
+    online = nets.online
+    updater = Updater(cfg, levers, online, nets.target, nets.start if levers.anchor != "none" else None, gen)
+    collector = _Collector(family, tasks, k, e, device, env_seed, cfg.buffer_size, levers.protected_steps, prefill)
     evaluator = GreedyEvaluator(family, tasks, cfg.eval_episodes, eval_seed, device) if evaluate else None
-    curves = _Curves(k, evaluator, online, best, cfg.early_stop_return)
+    curves = _Curves(k, evaluator, online, nets.best, cfg.early_stop_return)
     curves.evaluate(0)
-    start_return = curves.start_return(start_net if shrunk else None)
+    start_return = curves.start_return(nets.start if nets.shrunk else None)
 
-    n_iter = math.ceil(cfg.total_steps / e)
-    learn_from = max(cfg.learning_starts - prefilled, 0)
+    learn_from = max(cfg.learning_starts - collector.prefilled, 0)
     train_due = 0
     next_eval = cfg.eval_interval
     steps = 0
-    for _ in range(n_iter):
+    for _ in range(math.ceil(cfg.total_steps / e)):
         if curves.stopped:
             break
         eps = levers.epsilon(linear_epsilon(cfg, steps), e)
-        with torch.no_grad():
-            greedy = online(obs).argmax(-1).reshape(-1).cpu().numpy()
-        actions = epsilon_greedy(greedy, eps, family.n_actions, rng)
-        episode, step_idx = tracker.current()
-        next_obs_np, reward, term, trunc, _ = env.step(actions)
-        next_obs = torch.as_tensor(next_obs_np, device=device).view(k, e, -1)
-
-        def kt(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.as_tensor(x, device=device).to(dtype).view(k, e)
-
-        row = (obs, kt(actions, torch.long), kt(reward), next_obs, kt(term), kt(trunc), kt(~prev_done),
-               kt(episode, torch.long), kt(step_idx, torch.long))
-        replay.add(*row)
-        if protected is not None and steps < levers.protected_steps:
-            protected.add(*row)
-        tracker.advance(prev_done)
-        prev_done = term | trunc
-        obs = next_obs
+        collector.step(online, eps, rng, protect=steps < levers.protected_steps)
         steps += e
         if on_steps is not None:
             on_steps(e)
@@ -298,7 +243,7 @@ def train_dqn(
             train_due += e
             while train_due >= cfg.train_frequency:
                 train_due -= cfg.train_frequency
-                updater.burst(replay, protected, steps, steps - learn_from)
+                updater.burst(collector.replay, collector.protected, steps, steps - learn_from)
 
         if steps >= next_eval or steps >= cfg.total_steps:
             curves.evaluate(steps)
@@ -307,14 +252,106 @@ def train_dqn(
     return TrainResult(
         curves=pd.DataFrame(curves.rows, columns=["slot", "step", "eval_return"]),
         final_params=online.state_dicts(),
-        best_params=best.state_dicts() if evaluator is not None else online.state_dicts(),
+        best_params=nets.best.state_dicts() if evaluator is not None else online.state_dicts(),
         best_return=curves.best_return,
         best_step=curves.best_step,
         start_return=start_return,
         env_steps=steps,
         wall_s=time.perf_counter() - start,
-        replay=[replay.latest(slot, keep_replay) for slot in range(k)] if keep_replay else [],
+        replay=[collector.replay.latest(slot, keep_replay) for slot in range(k)] if keep_replay else [],
     )
+
+
+def _slots(tasks: np.ndarray, cfg: DQNConfig, evaluate: bool) -> tuple[int, int]:
+    """(K slots, E environments per slot) of ``tasks``: [K, P] physics, or [K, E, P] per environment."""
+    if tasks.ndim == 3:
+        if evaluate:
+            raise ValueError("per-environment tasks [K, E, P] need evaluate=False")
+        return int(tasks.shape[0]), int(tasks.shape[1])
+    return int(tasks.shape[0]), cfg.envs_per_task
+
+
+@dataclass
+class _Networks:
+    """A run's networks: the frozen start, the online network (the start, shrunk if asked), its target,
+    and the best checkpoint so far."""
+
+    start: BatchedQNetwork
+    online: BatchedQNetwork
+    target: BatchedQNetwork
+    best: BatchedQNetwork
+    shrunk: bool
+
+    @classmethod
+    def build(cls, family: Family, cfg: DQNConfig, k: int, device: torch.device,
+              init: Sequence[StateDict | None] | None, slot_seeds: np.ndarray, levers: SlotLevers) -> _Networks:
+        def network() -> BatchedQNetwork:
+            return BatchedQNetwork(k, family.obs_dim, family.n_actions, cfg.hidden_sizes).to(device)
+
+        def fresh(s: np.uint32) -> StateDict:
+            return init_state_dict(family.obs_dim, family.n_actions, cfg.hidden_sizes, int(s))
+
+        init = list(init) if init is not None else [None] * k
+        if len(init) != k:
+            raise ValueError(f"got {len(init)} initial parameter sets for {k} tasks")
+        start = network()
+        start.load_slots([sd if sd is not None else fresh(s) for sd, s in zip(init, slot_seeds, strict=True)])
+        online = network()
+        online.load_state_dict(start.state_dict())
+        shrunk = bool((levers.shrink < 1.0).any())
+        if shrunk:  # shrink-and-perturb towards a fresh network of the slot's own seed
+            noise = network()
+            noise.load_slots([fresh(s) for s in slot_seeds])
+            levers.shrink_towards(online, noise)
+        target = network()
+        target.load_state_dict(online.state_dict())
+        best = network()
+        best.load_state_dict(online.state_dict())
+        return cls(start, online, target, best, shrunk)
+
+
+class _Collector:
+    """The acting half of DQN: the K x E environments, epsilon-greedy actions from the online network, and
+    the replay buffer (plus the protected partition, when a lever keeps one) every transition goes to."""
+
+    def __init__(self, family: Family, tasks: np.ndarray, k: int, e: int, device: torch.device, env_seed: int,
+                 buffer_size: int, protected_steps: int, prefill: Sequence[dict[str, np.ndarray]] | None):
+        self.k, self.e, self.device, self.n_actions = k, e, device, family.n_actions
+        self.env = family.vector_env(tasks.reshape(k * e, -1), 1) if tasks.ndim == 3 else family.vector_env(tasks, e)
+        obs_np, _ = self.env.reset(seed=env_seed)
+        self.obs = torch.as_tensor(obs_np, device=device).view(k, e, -1)
+        self.replay = BatchedReplayBuffer(k, buffer_size, family.obs_dim, e, device)
+        self.protected = BatchedReplayBuffer(k, protected_steps, family.obs_dim, e, device) \
+            if protected_steps > 0 else None
+        self.prefilled = 0
+        if prefill is not None:
+            self.replay.extend(list(prefill))
+            self.prefilled = len(prefill[0]["action"])
+        self.tracker = EpisodeTracker(k, e)
+        self.prev_done = np.zeros(k * e, dtype=bool)
+
+    def _kt(self, x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.as_tensor(x, device=self.device).to(dtype).view(self.k, self.e)
+
+    def step(self, online: BatchedQNetwork, eps: float | np.ndarray, rng: np.random.Generator,
+             protect: bool) -> None:
+        """One step of every environment; the transition goes to the replay (and to the protected
+        partition while ``protect``). Rows after an episode's end (autoreset) are stored with weight 0."""
+        with torch.no_grad():
+            greedy = online(self.obs).argmax(-1).reshape(-1).cpu().numpy()
+        actions = epsilon_greedy(greedy, eps, self.n_actions, rng)
+        episode, step_idx = self.tracker.current()
+        next_obs_np, reward, term, trunc, _ = self.env.step(actions)
+        next_obs = torch.as_tensor(next_obs_np, device=self.device).view(self.k, self.e, -1)
+        kt = self._kt
+        row = (self.obs, kt(actions, torch.long), kt(reward), next_obs, kt(term), kt(trunc), kt(~self.prev_done),
+               kt(episode, torch.long), kt(step_idx, torch.long))
+        self.replay.add(*row)
+        if self.protected is not None and protect:
+            self.protected.add(*row)
+        self.tracker.advance(self.prev_done)
+        self.prev_done = term | trunc
+        self.obs = next_obs
 
 
 class _Curves:

@@ -98,8 +98,11 @@ class ProtocolGroup:
 
     @property
     def label(self) -> str:
-        """Its name in logs and the Prefect UI."""
-        return f"{self.method}-{self.candidate}"
+        """Its name in logs and the Prefect UI: the method and configuration, or the configurations of a
+        search group (which mixes methods)."""
+        if self.candidates:
+            return "search: " + ", ".join(dict.fromkeys(self.candidates))
+        return f"{self.method} ({self.candidate})"
 
 
 @dataclass

@@ -1,5 +1,7 @@
-"""The evaluation report: ``reports/report.html`` (self-contained: figures embedded as base64 PNGs, no
-scripts, renders offline) and ``reports/report.md`` (figures under ``reports/figures/``).
+"""The evaluation report: ``reports/report.md`` (figures under ``reports/figures/``), ``reports/report.html``
+rendered from that Markdown by markdown-it-py (self-contained: figures embedded as base64 PNGs, no scripts,
+renders offline), and ``reports/summary.md`` (headline tables and verdict: the pipeline's Prefect artifact).
+Every input is a path the stage command passes (see dvc.yaml).
 
 Sections: what was run (family, splits, task counts, seeds, budgets, params digest, git commit, DVC data
 hash), headline table per split (every meta-learned method followed by its frozen-start control), learning
@@ -30,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from markdown_it import MarkdownIt
 from matplotlib.lines import Line2D
 
 from metadqn import paths
@@ -51,8 +54,13 @@ COLORS = {SCRATCH: SCRATCH_COLOR, **{name: entry.color for name, entry in LEARNE
 class ReportResult:
     html: Path
     markdown: Path
+    summary: Path
     summary_markdown: str
     figures: list[Path]
+
+
+_MD = MarkdownIt("commonmark", {"html": False}).enable("table")
+"""The one Markdown renderer (raw HTML in the text is escaped, never passed through)."""
 
 
 def pct(x: float) -> str:
@@ -444,19 +452,122 @@ def _data_hash() -> str:
     return dvc_md5(paths.TRAJECTORIES) if paths.TRAJECTORIES.exists() else "unknown"
 
 
-def _md_inline_to_html(text: str) -> str:
-    """Escapes ``text`` and renders its **bold** and `code` spans."""
-    out = html.escape(text)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+def render_html(markdown: str, title: str, base: Path) -> str:
+    """The self-contained HTML page of a Markdown report: rendered by markdown-it-py (CommonMark and
+    tables), every image under ``base`` embedded as a base64 PNG, no scripts, no external resource."""
+
+    def embed(match: re.Match[str]) -> str:
+        data = base64.b64encode((base / match.group(2)).read_bytes()).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    body = _MD.render(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", embed, markdown))
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>")
 
 
-def md_table_to_html(table: str) -> str:
-    lines = [r.strip().strip("|").split("|") for r in table.splitlines() if not r.startswith("|---")]
-    head, *body = lines
-    return ("<table><tr>" + "".join(f"<th>{_md_inline_to_html(c.strip())}</th>" for c in head) + "</tr>" +
-            "".join("<tr>" + "".join(f"<td>{_md_inline_to_html(c.strip())}</td>" for c in r) + "</tr>"
-                    for r in body) + "</table>")
+@dataclass
+class _Inputs:
+    """What the report reads (optional inputs: empty when absent)."""
+
+    metrics: dict[str, Any]
+    curves: pd.DataFrame
+    scores: pd.DataFrame
+    meta_train: dict[str, Any]
+    collect: dict[str, Any]
+    tasks: pd.DataFrame
+    search: pd.DataFrame | None
+    selected: dict[str, Any]
+
+    @classmethod
+    def read(cls, metrics: Path, curves: Path, scores: Path, meta_train: Path, collect: Path, tasks: Path,
+             search: Path, selected: Path) -> _Inputs:
+        table = pd.read_csv(search) if search.exists() else None
+        if table is not None and (table.empty or "method" not in table.columns):
+            table = None
+        return cls(json.loads(metrics.read_text()), pd.read_parquet(curves), pd.read_csv(scores),
+                   json.loads(meta_train.read_text()) if meta_train.exists() else {},
+                   json.loads(collect.read_text()), pd.read_parquet(tasks), table,
+                   json.loads(selected.read_text()) if selected.exists() else {})
+
+
+def _figures(data: _Inputs, params: Params, fig_dir: Path) -> dict[str, Path]:
+    cfg = params.meta_test
+    bands = _curve_bands(data.curves, cfg.confidence, max(200, cfg.bootstrap_resamples // 4), cfg.seed)
+    return {
+        "Learning curves": figure_curves(bands, fig_dir / "learning_curves.png", threshold=cfg.threshold,
+                                         confidence=cfg.confidence),
+        "Zero-shot return": figure_zero_shot(data.metrics, fig_dir / "zero_shot.png", confidence=cfg.confidence),
+        "Per-task comparison": figure_scatter(data.scores, fig_dir / "per_task_scatter.png"),
+        "Siamese retrieval": figure_retrieval(data.meta_train, fig_dir / "siamese_retrieval.png"),
+        "Expert returns": figure_experts(data.collect, fig_dir / "expert_returns.png",
+                                         params.family.family().solved_return),
+    }
+
+
+def _run_info(data: _Inputs, params: Params, methods: list[str]) -> list[tuple[str, Any]]:
+    from metadqn.tracking.runs import git_commit
+
+    cfg = params.meta_test
+    counts = data.tasks["split"].value_counts().to_dict()
+    frozen = [m for m in methods if is_frozen(m)]
+    return [
+        ("family", params.family.name), ("tasks per split", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))),
+        ("methods", ", ".join(m for m in methods if not is_frozen(m))),
+        *([("frozen-start controls (no updates)", ", ".join(frozen))] if frozen else []),
+        ("seeds per task and method", cfg.seeds),
+        ("budget per run", f"{data.metrics.get('budget_steps')} env steps, of which "
+                           f"{data.metrics.get('context_steps')} context"),
+        ("evaluation", f"every {cfg.eval_interval} steps, {cfg.eval_episodes} greedy episodes"),
+        ("threshold", f"{pct(cfg.threshold)} of the expert return ({cfg.threshold:g} x)"),
+        ("intervals", f"{pct(cfg.confidence)} stratified-bootstrap CIs ({cfg.bootstrap_resamples} resamples)"),
+        ("params digest", params.digest()),
+        ("git commit", git_commit()), ("DVC data hash (trajectories)", _data_hash()),
+    ]
+
+
+def _summary(data: _Inputs, params: Params) -> str:
+    """The headline tables per split and the verdict: ``summary.md``, the pipeline's Prefect artifact."""
+    cfg = params.meta_test
+    splits = [s for s in ("interp", "extrap") if s in data.metrics]
+    tables = "\n\n".join(f"**{SPLIT_NAMES[s]} tasks**: {headline_caption(data.metrics, s, confidence=cfg.confidence)}"
+                         f"\n\n{headline_table(data.metrics, s, threshold=cfg.threshold)}" for s in splits)
+    lines = verdict(data.metrics, threshold=cfg.threshold, confidence=cfg.confidence,
+                    frozen_diffs=frozen_differences(data.scores, cfg))
+    return "\n".join(["## Headline results", "", tables, "", "## Verdict", "", *[f"- {line}" for line in lines], ""])
+
+
+def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: Path, summary: str) -> str:
+    cfg = params.meta_test
+    methods = ordered_methods(data.scores["method"].astype(str).unique())
+    siamese = data.meta_train.get("siamese", {})
+    text = {
+        "Siamese retrieval": (f"Top-1 agreement of the retrieved training task with the best source by "
+                              f"cross-evaluation (validation tasks): {_fmt(siamese.get('top1_retrieval'))} vs "
+                              f"{_fmt(siamese.get('random_top1'))} for a random neighbour."),
+        "Expert returns": (f"{100 * data.collect['fraction_solved']:.0f}% of experts reach "
+                           f"{params.family.family().solved_return:g} (greedy, fresh start states); they "
+                           f"normalise every return in this report."),
+        "Learning curves": (f"IQM per evaluation with a shaded {pct(cfg.confidence)} CI per method; "
+                            + ("dashed, in the same colour: the method's frozen start (no updates); "
+                               if any(is_frozen(m) for m in methods) else "")
+                            + f"dotted: the {pct(cfg.threshold)} threshold."),
+    }
+    headline, verdict_part = summary.split("## Verdict", 1)
+    md = [f"# {params.report.title}", "", "## What was run", "",
+          *[f"- {k}: {v}" for k, v in _run_info(data, params, methods)], "", headline.rstrip(), ""]
+    for name, fig in figs.items():
+        md += [f"## {name}", "", *([text[name], ""] if name in text else []),
+               f"![{name}]({fig.relative_to(out_dir).as_posix()})", ""]
+    if data.search is not None:
+        md += [f"## {SEARCH_SECTION}", "", search_text(cfg.confidence), "", search_table(data.search), ""]
+        chosen = selected_lines(data.selected)
+        if chosen:
+            md += ["Selected configurations:", "", *[f"- {line}" for line in chosen], ""]
+    md += ["## Verdict" + verdict_part.rstrip(), ""]
+    return "\n".join(md)
 
 
 def build_report(
@@ -472,116 +583,29 @@ def build_report(
     search_path: Path = paths.FINETUNE_SEARCH,
     selected_path: Path = paths.FINETUNE_SELECTED,
 ) -> ReportResult:
-    """Writes ``out_dir/report.html``, ``out_dir/report.md`` and ``out_dir/figures/``.
+    """Writes ``out_dir/report.md`` (the one rendering), ``out_dir/report.html`` (rendered from it, figures
+    embedded), ``out_dir/summary.md`` (headline tables and verdict) and ``out_dir/figures/``.
 
     ``meta_train_path``, ``search_path`` and ``selected_path`` are optional inputs (left out when absent).
     """
-    from metadqn.tracking.runs import git_commit, stage_run
+    from metadqn.tracking.runs import stage_run
 
-    cfg = params.meta_test
-    threshold, confidence = cfg.threshold, cfg.confidence
-    metrics = json.loads(Path(metrics_path).read_text())
-    curves = pd.read_parquet(curves_path)
-    scores = pd.read_csv(scores_path)
-    meta_train = json.loads(Path(meta_train_path).read_text()) if Path(meta_train_path).exists() else {}
-    collect = json.loads(Path(collect_path).read_text())
-    tasks = pd.read_parquet(tasks_path)
-    search = pd.read_csv(search_path) if Path(search_path).exists() else None
-    if search is not None and (search.empty or "method" not in search.columns):
-        search = None
-    selected = json.loads(Path(selected_path).read_text()) if Path(selected_path).exists() else {}
-    family = params.family.family()
-    fig_dir = out_dir / "figures"
-    bands = _curve_bands(curves, confidence, max(200, cfg.bootstrap_resamples // 4), cfg.seed)
-    figs = {
-        "Learning curves": figure_curves(bands, fig_dir / "learning_curves.png", threshold=threshold,
-                                         confidence=confidence),
-        "Zero-shot return": figure_zero_shot(metrics, fig_dir / "zero_shot.png", confidence=confidence),
-        "Per-task comparison": figure_scatter(scores, fig_dir / "per_task_scatter.png"),
-        "Siamese retrieval": figure_retrieval(meta_train, fig_dir / "siamese_retrieval.png"),
-        "Expert returns": figure_experts(collect, fig_dir / "expert_returns.png", family.solved_return),
-    }
-    counts = tasks["split"].value_counts().to_dict()
-    methods = ordered_methods(scores["method"].astype(str).unique())
-    frozen = [m for m in methods if is_frozen(m)]
-    run_info = [
-        ("family", family.name), ("tasks per split", ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))),
-        ("methods", ", ".join(m for m in methods if not is_frozen(m))),
-        *([("frozen-start controls (no updates)", ", ".join(frozen))] if frozen else []),
-        ("seeds per task and method", cfg.seeds),
-        ("budget per run", f"{metrics.get('budget_steps')} env steps, of which {metrics.get('context_steps')} context"),
-        ("evaluation", f"every {cfg.eval_interval} steps, {cfg.eval_episodes} greedy episodes"),
-        ("threshold", f"{pct(threshold)} of the expert return ({threshold:g} x)"),
-        ("intervals", f"{pct(confidence)} stratified-bootstrap CIs ({cfg.bootstrap_resamples} resamples)"),
-        ("params digest", params.digest()),
-        ("git commit", git_commit()), ("DVC data hash (trajectories)", _data_hash()),
-    ]
-    splits = [s for s in ("interp", "extrap") if s in metrics]
-    tables = {s: headline_table(metrics, s, threshold=threshold) for s in splits}
-    captions = {s: headline_caption(metrics, s, confidence=confidence) for s in splits}
-    summary = "\n\n".join(f"**{SPLIT_NAMES[s]} tasks**: {captions[s]}\n\n{tables[s]}" for s in splits)
-    verdict_lines = verdict(metrics, threshold=threshold, confidence=confidence,
-                            frozen_diffs=frozen_differences(scores, cfg))
-    retrieval = (f"Top-1 agreement of the retrieved training task with the best source by cross-evaluation "
-                 f"(validation tasks): {_fmt(meta_train.get('siamese', {}).get('top1_retrieval'))} vs "
-                 f"{_fmt(meta_train.get('siamese', {}).get('random_top1'))} for a random neighbour.")
-    experts_txt = (f"{100 * collect['fraction_solved']:.0f}% of experts reach {family.solved_return:g} "
-                   f"(greedy, fresh start states); they normalise every return in this report.")
-    curves_txt = (f"IQM per evaluation with a shaded {pct(confidence)} CI per method; "
-                  + ("dashed, in the same colour: the method's frozen start (no updates); " if frozen else "")
-                  + f"dotted: the {pct(threshold)} threshold.")
-    text = {"Siamese retrieval": retrieval, "Expert returns": experts_txt, "Learning curves": curves_txt}
-    search_md = search_table(search) if search is not None else None
-    chosen = selected_lines(selected) if search is not None else []
+    data = _Inputs.read(Path(metrics_path), Path(curves_path), Path(scores_path), Path(meta_train_path),
+                        Path(collect_path), Path(tasks_path), Path(search_path), Path(selected_path))
+    figs = _figures(data, params, out_dir / "figures")
+    summary = _summary(data, params)
+    markdown = _markdown(data, params, figs, out_dir, summary)
+    md_path, html_path, summary_path = out_dir / "report.md", out_dir / "report.html", out_dir / "summary.md"
+    write_text(md_path, markdown)
+    write_text(summary_path, summary)
+    write_text(html_path, render_html(markdown, params.report.title, out_dir))
 
-    md = [f"# {params.report.title}", "", "## What was run", "",
-          *[f"- {k}: {v}" for k, v in run_info], "", "## Headline results", "", summary, ""]
-    for name, fig in figs.items():
-        md += [f"## {name}", "", *([text[name], ""] if name in text else []),
-               f"![{name}]({fig.relative_to(out_dir).as_posix()})", ""]
-    if search_md is not None:
-        md += [f"## {SEARCH_SECTION}", "", search_text(confidence), "", search_md, ""]
-        if chosen:
-            md += ["Selected configurations:", "", *[f"- {line}" for line in chosen], ""]
-    md += ["## Verdict", "", *[f"- {line}" for line in verdict_lines], ""]
-    md_path = out_dir / "report.md"
-    write_text(md_path, "\n".join(md))
-
-    def img(path: Path) -> str:
-        data = base64.b64encode(path.read_bytes()).decode()
-        return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-
-    parts = [f"<h1>{html.escape(params.report.title)}</h1>", "<h2>What was run</h2><ul>",
-             *[f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in run_info], "</ul>",
-             "<h2>Headline results</h2>"]
-    for s in splits:
-        parts += [f"<h3>{SPLIT_NAMES[s]} tasks</h3>", f"<p>{_md_inline_to_html(captions[s])}</p>",
-                  md_table_to_html(tables[s])]
-    for name, fig in figs.items():
-        parts += [f"<h2>{name}</h2>", *([f"<p>{_md_inline_to_html(text[name])}</p>"] if name in text else []),
-                  img(fig)]
-    if search_md is not None:
-        parts += [f"<h2>{html.escape(SEARCH_SECTION)}</h2>", f"<p>{_md_inline_to_html(search_text(confidence))}</p>",
-                  md_table_to_html(search_md)]
-        if chosen:
-            parts += ["<p>Selected configurations:</p><ul>",
-                      *[f"<li>{_md_inline_to_html(line)}</li>" for line in chosen], "</ul>"]
-    parts += ["<h2>Verdict</h2><ul>", *[f"<li>{_md_inline_to_html(v)}</li>" for v in verdict_lines], "</ul>"]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;font-size:90%}"
-             "img{max-width:100%}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(params.report.title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    html_path = out_dir / "report.html"
-    write_text(html_path, page)
-
-    with stage_run("report", family.name, params.flat(), params.digest(), params.tracking.enabled) as run:
+    with stage_run("report", params.family.name, params.flat(), params.digest(), params.tracking.enabled) as run:
         if run is not None:
             import mlflow
 
-            mlflow.log_text(summary, "summary.md")
-            mlflow.log_artifact(str(html_path))
-            mlflow.log_artifact(str(md_path))
+            for path in (summary_path, html_path, md_path):
+                mlflow.log_artifact(str(path))
             for fig in figs.values():
                 mlflow.log_artifact(str(fig), "figures")
-    return ReportResult(html_path, md_path, summary, list(figs.values()))
+    return ReportResult(html_path, md_path, summary_path, summary, list(figs.values()))

@@ -23,6 +23,7 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from metadqn.config import HypernetConfig
 from metadqn.dqn.qnetwork import (
+    BatchedQNetwork,
     StateDict,
     flatten_state_dict,
     functional_q,
@@ -40,6 +42,10 @@ from metadqn.dqn.qnetwork import (
     unflatten_state_dict,
 )
 from metadqn.meta.context import ContextEncoder
+
+if TYPE_CHECKING:  # annotations only; fit_hypernet imports metadqn.meta.dataset lazily, as before
+    from metadqn.envs.families import Family
+    from metadqn.meta.dataset import Transitions
 
 log = logging.getLogger("metadqn.meta.hypernet")
 
@@ -169,9 +175,57 @@ class FitResult:
     seed_scores: list[float]
 
 
+def _train_step(model: HyperQ, target: HyperQ, opt: torch.optim.Optimizer, x: Tensor, base: StatePool,
+                dagger: StatePool | None, transitions: Transitions, cfg: HypernetConfig, gamma: float,
+                gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """One update of the hypernetwork: distillation on expert-labelled states (half from the DAgger pool
+    once there is one), plus the TD loss of the generated networks on real transitions; returns the
+    (kl, q_huber, td) losses."""
+    flat = model(x)
+    if dagger is not None:
+        half = cfg.batch_states // 2
+        o1, q1 = base.sample(cfg.batch_states - half, gen)
+        o2, q2 = dagger.sample(half, gen)
+        obs, q = torch.cat([o1, o2], 1), torch.cat([q1, q2], 1)
+    else:
+        obs, q = base.sample(cfg.batch_states, gen)
+    kl, qh = distillation_losses(model, flat, obs, q, cfg)
+    loss = cfg.kl_weight * kl + cfg.q_weight * qh
+    td = torch.zeros(())
+    if cfg.td_weight > 0:
+        td = td_loss_generated(model, target, flat, x, transitions.sample(cfg.batch_transitions, gen), gamma)
+        loss = loss + cfg.td_weight * td
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    opt.step()
+    polyak(target, model, cfg.target_tau)
+    return kl, qh, td
+
+
+def _dagger_pool(family: Family, tasks: np.ndarray, policy_net: BatchedQNetwork, experts_net: BatchedQNetwork,
+                 dagger_obs: list[np.ndarray], cfg: HypernetConfig, seed: int) -> tuple[list[np.ndarray], StatePool]:
+    """DAgger: the states the generated networks visit (epsilon-greedy rollouts on the training tasks),
+    appended to each task's pool (the latest ``dagger_capacity`` kept) and labelled by the task's expert."""
+    from metadqn.dqn.rollout import collect_transitions
+
+    with torch.no_grad():
+        rolls = collect_transitions(family, tasks, cfg.dagger_steps, 2, seed, policy=policy_net.act,
+                                    epsilon=cfg.dagger_epsilon)
+    dagger_obs = [np.concatenate([d, r["obs"]])[-cfg.dagger_capacity:] for d, r in zip(dagger_obs, rolls, strict=True)]
+    n = max(len(d) for d in dagger_obs)
+    padded = torch.zeros(len(dagger_obs), n, family.obs_dim)
+    for i, d in enumerate(dagger_obs):
+        padded[i, :len(d)] = torch.as_tensor(d)
+    with torch.no_grad():
+        labels = experts_net(padded).numpy()
+    pool = StatePool.from_lists(dagger_obs, [labels[i, :len(d)] for i, d in enumerate(dagger_obs)],
+                                cfg.dagger_capacity)
+    return dagger_obs, pool
+
+
 def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
     """Trains ``n_seeds`` hypernetworks on the training tasks; keeps the best on validation zero-shot."""
-    from metadqn.dqn.rollout import collect_transitions
     from metadqn.dqn.trainer import configure_torch, make_optimizer
     from metadqn.meta.context import feature_dim
     from metadqn.meta.dataset import batched, expert_q, greedy_returns
@@ -209,47 +263,16 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
             return data.train.physics if oracle else data.train.contexts.sample(gen)
 
         for it in range(1, cfg.iterations + 1):
-            x = task_input()
-            flat = model(x)
-            if dagger is not None:
-                half = cfg.batch_states // 2
-                o1, q1 = base.sample(cfg.batch_states - half, gen)
-                o2, q2 = dagger.sample(half, gen)
-                obs, q = torch.cat([o1, o2], 1), torch.cat([q1, q2], 1)
-            else:
-                obs, q = base.sample(cfg.batch_states, gen)
-            kl, qh = distillation_losses(model, flat, obs, q, cfg)
-            loss = cfg.kl_weight * kl + cfg.q_weight * qh
-            td = torch.zeros(())
-            if cfg.td_weight > 0:
-                td = td_loss_generated(model, target, flat, x, data.transitions.sample(cfg.batch_transitions, gen),
-                                       dqn.gamma)
-                loss = loss + cfg.td_weight * td
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
-            polyak(target, model, cfg.target_tau)
+            kl, qh, td = _train_step(model, target, opt, task_input(), base, dagger, data.transitions, cfg,
+                                     dqn.gamma, gen)
             if it % 50 == 0:
                 curves += [(f"{name}/seed{s}/kl", it, kl.item()), (f"{name}/seed{s}/q_huber", it, qh.item()),
                            (f"{name}/seed{s}/td", it, td.item())]
 
             if cfg.dagger_steps and it % cfg.dagger_interval == 0:
                 gen_net = batched(family, model.generate(task_input()), hidden)
-                with torch.no_grad():
-                    rolls = collect_transitions(family, data.train.matrix, cfg.dagger_steps, 2,
-                                                int(rng.integers(2**31)), policy=gen_net.act,
-                                                epsilon=cfg.dagger_epsilon)
-                dagger_obs = [np.concatenate([d, r["obs"]])[-cfg.dagger_capacity:]
-                              for d, r in zip(dagger_obs, rolls, strict=True)]
-                n = max(len(d) for d in dagger_obs)
-                padded = torch.zeros(len(dagger_obs), n, family.obs_dim)
-                for i, d in enumerate(dagger_obs):
-                    padded[i, :len(d)] = torch.as_tensor(d)
-                with torch.no_grad():
-                    labels = experts_net(padded).numpy()
-                dagger = StatePool.from_lists(dagger_obs, [labels[i, :len(d)] for i, d in enumerate(dagger_obs)],
-                                              cfg.dagger_capacity)
+                dagger_obs, dagger = _dagger_pool(family, data.train.matrix, gen_net, experts_net, dagger_obs, cfg,
+                                                  int(rng.integers(2**31)))
 
             if it % cfg.eval_interval == 0 or it == cfg.iterations:
                 returns = greedy_returns(family, data.val.matrix, model.generate(val_input), hidden,
