@@ -64,7 +64,7 @@ def worker_env() -> dict[str, str]:
     return dict(OFFLINE_ENV)
 
 
-def task_runner(params: Params) -> TaskRunner:
+def task_runner(params: Params) -> TaskRunner[Any]:
     """The Prefect task runner that ``params.runner`` names (see the module docstring)."""
     runner = params.runner
     if runner.kind == "dask":

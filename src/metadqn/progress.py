@@ -6,6 +6,11 @@ import logging
 import sys
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 log = logging.getLogger("metadqn")
 
@@ -17,8 +22,8 @@ class Progress:
         self.total, self.description, self.log_every = max(int(total), 1), description, log_every
         self.done = 0
         self._next_log = log_every
-        self._bar = None
-        self._task = None
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
         self._start = time.perf_counter()
 
     def __enter__(self) -> Progress:
@@ -39,6 +44,7 @@ class Progress:
     def advance(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:
+            assert self._task is not None  # set together with _bar
             self._bar.update(self._task, advance=n)
         elif self.done / self.total >= self._next_log:
             log.info("%s: %d%% (%.0f s)", self.description, 100 * self.done // self.total,

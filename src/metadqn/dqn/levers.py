@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -125,6 +126,7 @@ class SlotLevers:
         batch = replay.sample(batch_size, gen)
         if n_protected == 0:
             return batch
+        assert protected is not None  # n_protected > 0 only with a protected buffer
         prot = protected.sample(n_protected, gen)
         mask = self.protected_slots
 
@@ -148,5 +150,6 @@ class SlotLevers:
             student = F.log_softmax(q_all / t, -1)
             per = (teacher.exp() * (teacher - student)).sum(-1) * batch.weights
             return per.sum(1) / batch.weights.sum(1).clamp(min=1.0)
-        return sum(((p - p0) ** 2).flatten(1).sum(1) for p, p0 in zip(online.parameters(), start.parameters(),
-                                                                       strict=True))
+        # sum() starts from the int 0, so its type is Tensor | Literal[0]; a network has parameters: a Tensor
+        return cast(Tensor, sum(((p - p0) ** 2).flatten(1).sum(1)
+                                for p, p0 in zip(online.parameters(), start.parameters(), strict=True)))

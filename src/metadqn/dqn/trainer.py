@@ -148,6 +148,7 @@ class Updater:
             q_all = self.online(batch.obs)
             loss = td_loss(self.online, self.target, batch, cfg.gamma, cfg.double_dqn, q_all)
             if w_anchor is not None:
+                assert self.start is not None  # w_anchor is only set when there is a start
                 loss = loss + w_anchor * lv.anchor_loss(self.online, self.start, batch, q_all)
             self.optimizer.zero_grad(set_to_none=False)
             loss.sum().backward()

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
+
+if TYPE_CHECKING:
+    from gymnasium.envs.classic_control.acrobot import AcrobotEnv
+    from gymnasium.envs.classic_control.cartpole import CartPoleEnv
+    from gymnasium.envs.classic_control.mountain_car import MountainCarEnv
 
 Interval = tuple[float, float]
 
@@ -48,8 +54,8 @@ class Family:
     solved_return: float
     """Greedy return at which a task counts as solved (gymnasium's reward_threshold: 475 for CartPole-v1,
     i.e. 95% of the maximum of 500)."""
-    apply: Callable[[gym.Env, Mapping[str, float]], None] = field(repr=False)
-    """Sets one task's physics on an unwrapped single environment."""
+    apply: Callable[[Any, Mapping[str, float]], None] = field(repr=False)
+    """Sets one task's physics on an unwrapped single environment (of the family's own class)."""
     make_vector: Callable[[np.ndarray, int], gym.vector.VectorEnv] = field(repr=False)
     """Builds one vector env over many tasks: (task parameter matrix [n_envs, n_params], n_envs)."""
 
@@ -72,6 +78,7 @@ class Family:
                 continue
             train = tuple(tuple(map(float, iv)) for iv in new.get("train", spec.train))
             extrap = tuple(tuple(map(float, iv)) for iv in new.get("extrap", train))
+            # (ignore: tuple(map(...)) has no static length; each interval is a validated (lo, hi) pair)
             specs.append(ParamSpec(spec.name, spec.doc, spec.default, train, extrap, spec.discrete))  # type: ignore[arg-type]
         return Family(
             self.name, self.env_id, self.doc, tuple(specs), self.obs_dim, self.n_actions,
@@ -95,7 +102,7 @@ def _fixed(value: float) -> tuple[Interval, ...]:
 
 
 # --------------------------------------------------------------------------------------------- CartPole
-def _cartpole_apply(env: gym.Env, task: Mapping[str, float]) -> None:
+def _cartpole_apply(env: CartPoleEnv, task: Mapping[str, float]) -> None:
     env.force_mag = float(task["force_mag"]) * float(task.get("force_sign", 1.0))
     env.length = float(task["length"])
     env.masspole = float(task["masspole"])
@@ -110,7 +117,8 @@ def _cartpole_vector(names: Sequence[str]) -> Callable[[np.ndarray, int], gym.ve
     def make(params: np.ndarray, n_envs: int) -> gym.vector.VectorEnv:
         env = gym.make_vec("CartPole-v1", num_envs=n_envs, vectorization_mode="vector_entry_point")
         col = {name: params[:, i] for i, name in enumerate(names)}
-        inner = env.unwrapped
+        # CartPoleVectorEnv types its physics as floats; per-environment arrays broadcast through its step
+        inner: Any = env.unwrapped
         inner.force_mag = col["force_mag"] * col.get("force_sign", 1.0)
         inner.length = col["length"]
         inner.masspole = col["masspole"]
@@ -160,7 +168,7 @@ CARTPOLE_MIRRORED = Family(
 
 
 # ---------------------------------------------------------------------------------------------- Acrobot
-def _acrobot_apply(env: gym.Env, task: Mapping[str, float]) -> None:
+def _acrobot_apply(env: AcrobotEnv, task: Mapping[str, float]) -> None:
     env.LINK_LENGTH_1 = float(task["link_length_1"])
     env.LINK_LENGTH_2 = float(task["link_length_2"])
     env.LINK_MASS_1 = float(task["link_mass_1"])
@@ -196,7 +204,7 @@ ACROBOT = Family(
 
 
 # ------------------------------------------------------------------------------------------ MountainCar
-def _mountaincar_apply(env: gym.Env, task: Mapping[str, float]) -> None:
+def _mountaincar_apply(env: MountainCarEnv, task: Mapping[str, float]) -> None:
     env.force = float(task["force"])
     env.gravity = float(task["gravity"])
 

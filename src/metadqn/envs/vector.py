@@ -9,7 +9,7 @@ step for step against gymnasium's.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -18,7 +18,8 @@ from gymnasium.vector.utils import batch_space
 
 
 class _NumpyVectorEnv(VectorEnv):
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    # typed as VectorEnv declares it (an instance attribute there, so no ClassVar here); a class-level default as before
+    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.NEXT_STEP}  # noqa: RUF012
     max_episode_steps: int
     reset_low: float
     reset_high: float
@@ -129,6 +130,7 @@ class AcrobotVectorEnv(_NumpyVectorEnv):
 
     def _obs(self) -> np.ndarray:
         s = self.state
+        assert s is not None, "call reset() before step()"
         return np.stack(
             [np.cos(s[:, 0]), np.sin(s[:, 0]), np.cos(s[:, 1]), np.sin(s[:, 1]), s[:, 2], s[:, 3]], axis=1
         ).astype(np.float32)
@@ -170,4 +172,5 @@ class MountainCarVectorEnv(_NumpyVectorEnv):
         return np.stack([position, velocity], axis=1), reward, terminated
 
     def _obs(self) -> np.ndarray:
+        assert self.state is not None, "call reset() before step()"
         return self.state.astype(np.float32)

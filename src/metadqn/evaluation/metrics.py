@@ -16,17 +16,20 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+Tasks = Sequence[str] | np.ndarray
+"""Task ids, one per run: a list, or a column's ``to_numpy()`` (what every caller passes)."""
+
 
 def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray | float:
     return stats.trim_mean(values, 0.25, axis=axis)
 
 
-def _by_task(values: np.ndarray, tasks: Sequence[str]) -> list[np.ndarray]:
+def _by_task(values: np.ndarray, tasks: Tasks) -> list[np.ndarray]:
     tasks = np.asarray(tasks)
     return [np.asarray(values)[tasks == t] for t in dict.fromkeys(tasks)]
 
 
-def stratified_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: float = 0.95,
+def stratified_iqm_ci(values: np.ndarray, tasks: Tasks, confidence: float = 0.95,
                       n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """(IQM, CI low, CI high) of ``values`` (one per run), resampling runs within each task."""
     values = np.asarray(values, dtype=np.float64)
@@ -35,13 +38,13 @@ def stratified_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: floa
     if len(values) < 2 or all(len(g) < 2 for g in groups) or np.ptp(values) == 0:
         return point, point, point
 
-    def statistic(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    def statistic(*samples: np.ndarray, axis: int = -1) -> np.ndarray | float:
         return iqm(np.concatenate(samples, axis=axis), axis=axis)
 
     usable = [g for g in groups if len(g) >= 2]
     fixed = np.concatenate([g for g in groups if len(g) < 2]) if len(usable) < len(groups) else None
 
-    def with_fixed(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    def with_fixed(*samples: np.ndarray, axis: int = -1) -> np.ndarray | float:
         if fixed is None:
             return statistic(*samples, axis=axis)
         shape = (*samples[0].shape[:-1], len(fixed))
@@ -52,7 +55,7 @@ def stratified_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: floa
     return point, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def task_bootstrap_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: float = 0.95,
+def task_bootstrap_iqm_ci(values: np.ndarray, tasks: Tasks, confidence: float = 0.95,
                           n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """(IQM, CI low, CI high), resampling whole tasks (each with all its runs) with replacement.
 
@@ -71,7 +74,7 @@ def task_bootstrap_iqm_ci(values: np.ndarray, tasks: Sequence[str], confidence: 
     return point, float(np.quantile(stats_, alpha)), float(np.quantile(stats_, 1.0 - alpha))
 
 
-def probability_of_improvement(x: np.ndarray, y: np.ndarray, tasks_x: Sequence[str], tasks_y: Sequence[str]) -> float:
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, tasks_x: Tasks, tasks_y: Tasks) -> float:
     """P(a run of X beats a run of Y on the same task), averaged over the tasks both have."""
     gx = dict(zip(dict.fromkeys(tasks_x), _by_task(x, tasks_x), strict=True))
     gy = dict(zip(dict.fromkeys(tasks_y), _by_task(y, tasks_y), strict=True))

@@ -46,6 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -270,7 +271,9 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
         raise RuntimeError("map_groups must return one result per group, in order")
 
     split = dict(zip(tests["task_id"], tests["split"], strict=True))
-    runs, curves, final_params = [], [], []
+    runs: list[dict[str, Any]] = []
+    curves: list[pd.DataFrame] = []
+    final_params: list[StateDict] = []
 
     def add(method: str, group: ProtocolGroup, curve: pd.DataFrame, params_: list[StateDict]) -> None:
         offset = len(runs)

@@ -104,6 +104,9 @@ class ContextSampler:
 class Standardiser(nn.Module):
     """Fixed feature scaling, fitted on training contexts and saved with the model."""
 
+    mean: Tensor  # buffers (register_buffer), declared for the type checker
+    std: Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

@@ -53,6 +53,8 @@ log = logging.getLogger("metadqn.meta.hypernet")
 class HyperQ(nn.Module):
     """Encoder + hypernetwork: task input (context [T, C, F] or physics [T, P]) -> flat QNetwork params."""
 
+    value_offset: Tensor  # a buffer (register_buffer), declared for the type checker
+
     def __init__(self, encoder: ContextEncoder, embed_dim: int, hidden: int, obs_dim: int, n_actions: int,
                  q_hidden: Sequence[int], base_seed: int):
         super().__init__()
@@ -289,6 +291,7 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
 
     final = HyperQ(ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim),
                    mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, 0)
+    assert best[1] is not None, f"{name}: no validation score above -inf (all NaN?)"
     final.load_state_dict(best[1])
     gen = torch.Generator().manual_seed(mt.seed)
     obs, q = base.sample(cfg.batch_states, gen)

@@ -71,6 +71,7 @@ class MetaModel:
                 raise ValueError("siamese needs a context input")
             flat = self.module.init_flat(context)
             return [{k: v.clone() for k, v in unflatten_state_dict(row, self.shapes).items()} for row in flat]
+        assert self.theta is not None, "a MetaModel holds a module or theta"
         n = n_tasks or (context.shape[0] if context is not None else physics.shape[0] if physics is not None else 1)
         return [{k: v.clone() for k, v in self.theta.items()} for _ in range(n)]
 
@@ -80,6 +81,7 @@ class MetaModel:
         with atomic_path(folder / "config.json") as tmp:
             tmp.write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         sd = self.theta if self.module is None else self.module.state_dict()
+        assert sd is not None, "a MetaModel holds a module or theta"
         save_state_dict(folder / "model.pt", sd)
 
     @classmethod

@@ -49,6 +49,9 @@ def normalised_scores(returns: np.ndarray, expert_return: np.ndarray) -> np.ndar
 class SiameseIndex(nn.Module):
     """The trained encoder plus the index of training tasks (embeddings and expert parameters)."""
 
+    embeddings: Tensor  # buffers (register_buffer), declared for the type checker
+    expert_flat: Tensor
+
     def __init__(self, encoder: ContextEncoder, embeddings: Tensor, expert_flat: Tensor, task_ids: list[str], k: int):
         super().__init__()
         self.encoder = encoder

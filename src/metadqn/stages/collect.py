@@ -169,10 +169,10 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
                                  policy=_greedy(net), epsilon=collect.expert_epsilon) if collect.expert_steps \
         else [None] * k
     frames: dict[str, pd.DataFrame] = {}
-    for slot, tid in enumerate(ids):
+    for i, tid in enumerate(ids):
         sources = (("exploration", explore), ("expert", expert), ("replay", replay))
-        parts = [traj.to_frame(tid, source, data[slot]) for source, data in sources
-                 if data[slot] is not None and len(data[slot])]
+        parts = [traj.to_frame(tid, source, rows) for source, data in sources
+                 if (rows := data[i]) is not None and len(rows)]
         frames[tid] = pd.concat(parts, ignore_index=True)
     return GroupResult(
         task_ids=ids, best_params=best_params, eval_return=eval_return, selection_return=selection_return,

@@ -224,6 +224,7 @@ def _track(run: Any, results: list[LearnerResult], out: MetaTrainOutputs, family
         with mlflow.start_run(run_name=r.name, nested=True, tags={"learner": r.name, "stage": "meta_train"}):
             mlflow.log_metrics({k: float(v) for k, v in r.metrics.items()})
             child = mlflow.active_run()
+            assert child is not None  # inside start_run
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)

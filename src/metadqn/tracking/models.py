@@ -59,9 +59,10 @@ def example_input(family_name: str, context_size: int, n_obs: int = 4, seed: int
 
 def _pyfunc_class():
     """The PythonModel subclass, built on demand so that importing this module does not import MLflow."""
-    import mlflow
+    # imported by name: mypy sees mlflow.pyfunc as a LazyLoader attribute, not a module a base class can name
+    from mlflow.pyfunc import PythonModel
 
-    class _MetaModel(mlflow.pyfunc.PythonModel):
+    class _MetaModel(PythonModel):
         def load_context(self, context: Any) -> None:
             from metadqn.meta.model import MetaModel
 
@@ -140,9 +141,9 @@ def log_meta_model(folder: Path, family: str) -> Any:
 
 
 def _qnet_class():
-    import mlflow
+    from mlflow.pyfunc import PythonModel
 
-    class _QNet(mlflow.pyfunc.PythonModel):
+    class _QNet(PythonModel):
         def load_context(self, context: Any) -> None:
             import json
 

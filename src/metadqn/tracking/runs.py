@@ -110,8 +110,11 @@ def log_dataset(run: Any, frame: pd.DataFrame, name: str, source: str, digest: s
 
     import mlflow
 
+    # the same function as mlflow.data.from_pandas, which mlflow.data sets at import time (invisible to mypy)
+    from mlflow.data.pandas_dataset import from_pandas
+
     with warnings.catch_warnings():
         # MLflow hints about integer columns and ambiguous local sources; neither applies to a DVC path
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:36])
+        dataset = from_pandas(frame, source=source, name=name, digest=digest[:36])
         mlflow.log_input(dataset, context=context)
