@@ -1,4 +1,5 @@
-# The two commands: `make pipeline` and `make test`. Each creates .venv if needed and installs the project.
+# The two commands: `make pipeline` and `make test` (ruff, mypy, then pytest). Each creates .venv if needed
+# and installs the project.
 VENV ?= .venv
 BIN := $(CURDIR)/$(VENV)/bin
 PYTHON ?= python3
@@ -14,7 +15,7 @@ export PREFECT_HOME
 # DVC runs stage commands with whatever python/metadqn is first on PATH: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install pipeline test lint bench clean-venv
+.PHONY: install pipeline test typecheck lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +31,12 @@ pipeline: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest
+
+# mypy on src/metadqn and flows/ (configured in pyproject.toml's [tool.mypy])
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
