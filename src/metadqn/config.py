@@ -137,7 +137,9 @@ class DQNConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where to train: cpu, cuda, or auto (cuda when present)."""
     torch_threads: int = Field(0, ge=0)
-    """torch intra-op threads (0: torch's default, all cores)."""
+    """torch intra-op threads of a training run (0: leave the process's setting: ``runner.threads`` in the
+    worker processes of the default runner, torch's default (all cores) elsewhere). The thread count does
+    not change a result (tests/test_fanout.py), only the speed."""
 
 
 class CollectConfig(_Section):

@@ -110,7 +110,8 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float) -> torch.opt
 
 
 @torch.no_grad()
-def update_target(target: BatchedQNetwork, online: BatchedQNetwork, tau: float) -> None:
+def update_target(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    """Target network update: a copy (tau >= 1) or Polyak averaging ``target += tau * (online - target)``."""
     if tau >= 1.0:
         torch._foreach_copy_(list(target.parameters()), list(online.parameters()))
     else:
@@ -338,8 +339,7 @@ class _Collector:
              protect: bool) -> None:
         """One step of every environment; the transition goes to the replay (and to the protected
         partition while ``protect``). Rows after an episode's end (autoreset) are stored with weight 0."""
-        with torch.no_grad():
-            greedy = online(self.obs).argmax(-1).reshape(-1).cpu().numpy()
+        greedy = online.act(self.obs).reshape(-1).cpu().numpy()
         actions = epsilon_greedy(greedy, eps, self.n_actions, rng)
         episode, step_idx = self.tracker.current()
         next_obs_np, reward, term, trunc, _ = self.env.step(actions)
@@ -367,14 +367,11 @@ class _Curves:
         self.first = np.full(k, np.nan)
         self.stopped = False
 
-    def _policy(self, net: BatchedQNetwork) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda o: net(o).argmax(-1)
-
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
         if self.evaluator is None:
             return
-        returns = self.evaluator(self._policy(self.online))
+        returns = self.evaluator(self.online.act)
         if not self.rows:
             self.first = returns.copy()
         self.rows.extend((slot, step, float(r)) for slot, r in enumerate(returns))
@@ -393,5 +390,5 @@ class _Curves:
         """The start network's evaluation: the step-0 one, unless the online network no longer is the start."""
         if self.evaluator is None:
             return np.full(len(self.best_return), np.nan)
-        return self.first.copy() if start is None else self.evaluator(self._policy(start))
+        return self.first.copy() if start is None else self.evaluator(start.act)
 

@@ -63,6 +63,7 @@ from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.meta.context import features_from_arrays, oracle_features
 from metadqn.meta.model import MetaModel
 from metadqn.progress import Progress
+from metadqn.seeding import derive_seed
 
 log = logging.getLogger("metadqn.meta_test")
 TEST_SPLITS = ("interp", "extrap")
@@ -155,7 +156,7 @@ def contexts(family: Family, matrix: np.ndarray, size: int, seed: int) -> list[d
 
 def context_seed(seed: int, index: int) -> int:
     """The seed of the contexts of seed index ``index`` (shared by every method)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return derive_seed(seed, index)
 
 
 def group_seed(seed: int, task_ids: Sequence[str], seeds: Sequence[int]) -> int:

@@ -111,8 +111,7 @@ def greedy_returns(family: Family, tasks: np.ndarray, params: list[StateDict], h
                    episodes: int, seed: int) -> np.ndarray:
     """Mean greedy return of network i on task i."""
     net = batched(family, params, hidden)
-    with torch.no_grad():
-        return GreedyEvaluator(family, tasks, episodes, seed)(lambda o: net(o).argmax(-1))
+    return GreedyEvaluator(family, tasks, episodes, seed)(net.act)
 
 
 def expert_q(family: Family, experts: list[StateDict], hidden: list[int], states: list[np.ndarray]) -> list[np.ndarray]:

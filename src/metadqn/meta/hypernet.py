@@ -41,7 +41,9 @@ from metadqn.dqn.qnetwork import (
     param_shapes,
     unflatten_state_dict,
 )
+from metadqn.dqn.trainer import update_target
 from metadqn.meta.context import ContextEncoder
+from metadqn.seeding import derive_seed
 
 if TYPE_CHECKING:  # annotations only; fit_hypernet imports metadqn.meta.dataset lazily, as before
     from metadqn.envs.families import Family
@@ -154,12 +156,6 @@ def td_loss_generated(model: HyperQ, target: HyperQ, flat: Tensor, target_input:
     return F.smooth_l1_loss(q, y)
 
 
-def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
-    with torch.no_grad():
-        for t, o in zip(target.parameters(), online.parameters(), strict=True):
-            t.lerp_(o, tau)
-
-
 def clone_frozen(model: HyperQ) -> HyperQ:
     twin = copy.deepcopy(model)
     for p in twin.parameters():
@@ -201,7 +197,7 @@ def _train_step(model: HyperQ, target: HyperQ, opt: torch.optim.Optimizer, x: Te
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 10.0)
     opt.step()
-    polyak(target, model, cfg.target_tau)
+    update_target(target, model, cfg.target_tau)
     return kl, qh, td
 
 
@@ -247,7 +243,7 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
     val_input = data.val.physics if oracle else data.val.contexts.first()
 
     for s in range(cfg.oracle_seeds if oracle else cfg.n_seeds):
-        seed = int(np.random.SeedSequence([mt.seed, s, int(oracle)]).generate_state(1)[0])
+        seed = derive_seed(mt.seed, s, int(oracle))
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)

@@ -8,14 +8,13 @@ clear; on ``cartpole-mirrored`` it cannot (no single policy serves both push dir
 
 from __future__ import annotations
 
-import numpy as np
-
 from metadqn.dqn.qnetwork import StateDict
 from metadqn.dqn.trainer import train_dqn
+from metadqn.seeding import Salt, derive_seed
 
 
 def fit_multitask(data, params) -> tuple[StateDict, list[tuple[str, int, float]]]:
     cfg = params.dqn.model_copy(update={"total_steps": params.meta_train.multitask.total_steps})
-    seed = int(np.random.SeedSequence([params.meta_train.seed, 11]).generate_state(1)[0])
+    seed = derive_seed(params.meta_train.seed, Salt.MULTITASK)
     result = train_dqn(data.family, data.train.matrix[None], cfg, seed, evaluate=False)
     return result.final_params[0], []

@@ -14,12 +14,12 @@ targets from the current initialisation. It started at 0.02 of the expert and le
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict, init_state_dict
 from metadqn.dqn.replay import ReplayBatch
 from metadqn.dqn.trainer import td_loss
+from metadqn.seeding import Salt, derive_seed
 
 
 def fit_reptile(data, params) -> tuple[StateDict, list[tuple[str, int, float]]]:
@@ -33,12 +33,12 @@ def fit_reptile_online(data, params) -> tuple[StateDict, list[tuple[str, int, fl
 
     cfg, family = params.meta_train.reptile, data.family
     dqn = params.dqn.model_copy(update={"total_steps": cfg.inner_env_steps})
-    seed = int(np.random.SeedSequence([params.meta_train.seed, 7]).generate_state(1)[0])
+    seed = derive_seed(params.meta_train.seed, Salt.REPTILE)
     theta = init_state_dict(family.obs_dim, family.n_actions, dqn.hidden_sizes, seed)
     tasks = data.train.matrix
     curves = []
     for it in range(cfg.meta_iterations):
-        inner_seed = int(np.random.SeedSequence([seed, it]).generate_state(1)[0])
+        inner_seed = derive_seed(seed, it)
         adapted = train_dqn(family, tasks, dqn, inner_seed, init=[theta] * len(tasks), evaluate=False).final_params
         eps = cfg.outer_step * (1.0 - it / cfg.meta_iterations)
         mean = {k: torch.stack([a[k] for a in adapted]).mean(0) for k in theta}
@@ -51,7 +51,7 @@ def fit_reptile_online(data, params) -> tuple[StateDict, list[tuple[str, int, fl
 def fit_reptile_offline(data, params) -> tuple[StateDict, list[tuple[str, int, float]]]:
     cfg, dqn, family = params.meta_train.reptile, params.dqn, data.family
     hidden = dqn.hidden_sizes
-    seed = int(np.random.SeedSequence([params.meta_train.seed, 7]).generate_state(1)[0])
+    seed = derive_seed(params.meta_train.seed, Salt.REPTILE)
     gen = torch.Generator().manual_seed(seed)
     theta = init_state_dict(family.obs_dim, family.n_actions, hidden, seed)
     t = data.transitions.actions.shape[0]

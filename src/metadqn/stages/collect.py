@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from metadqn import paths
 from metadqn.config import CollectConfig, DQNConfig, Params
@@ -110,14 +109,6 @@ def _batched_policy(family: Family, params: Sequence[StateDict], hidden: Sequenc
     return net.eval()
 
 
-def _greedy(net: BatchedQNetwork):
-    def act(o: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return net(o).argmax(-1)
-
-    return act
-
-
 def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: CollectConfig,
                 show_progress: bool = True) -> GroupResult:
     """Trains and records the experts of one group of tasks (a pure function of its arguments).
@@ -149,7 +140,7 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
             result = train_dqn(family, tasks[todo], dqn, seeds[4 + r], keep_replay=collect.replay_rows,
                                on_steps=bar.advance if bar is not None else None)
         net = _batched_policy(family, result.best_params, dqn.hidden_sizes)
-        ret = GreedyEvaluator(family, tasks[todo], dqn.eval_episodes, s_select)(_greedy(net))
+        ret = GreedyEvaluator(family, tasks[todo], dqn.eval_episodes, s_select)(net.act)
         for j, slot in enumerate(todo):
             steps_spent[slot] += result.env_steps
             if ret[j] > select_return[slot]:
@@ -162,11 +153,11 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
             break
 
     net = _batched_policy(family, best_params, dqn.hidden_sizes)
-    eval_return = GreedyEvaluator(family, tasks, dqn.eval_episodes, s_report)(_greedy(net))
+    eval_return = GreedyEvaluator(family, tasks, dqn.eval_episodes, s_report)(net.act)
     explore = collect_transitions(family, tasks, collect.exploration_steps, collect.rollout_envs_per_task,
                                   s_explore) if collect.exploration_steps else [None] * k
     expert = collect_transitions(family, tasks, collect.expert_steps, collect.rollout_envs_per_task, s_expert,
-                                 policy=_greedy(net), epsilon=collect.expert_epsilon) if collect.expert_steps \
+                                 policy=net.act, epsilon=collect.expert_epsilon) if collect.expert_steps \
         else [None] * k
     frames: dict[str, pd.DataFrame] = {}
     for i, tid in enumerate(ids):

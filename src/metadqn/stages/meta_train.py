@@ -32,6 +32,7 @@ from metadqn.learners import get_learner
 from metadqn.meta.context import ContextEncoder, feature_dim
 from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
 from metadqn.meta.model import MetaModel, MetaModelConfig
+from metadqn.seeding import Salt, derive_seed
 
 log = logging.getLogger("metadqn.meta_train")
 
@@ -52,10 +53,6 @@ class LearnerResult:
     curves: list[tuple[str, int, float]] = field(default_factory=list)
 
 
-def _seed(params: Params, *salt: int) -> int:
-    return int(np.random.SeedSequence([params.meta_train.seed, *salt]).generate_state(1)[0])
-
-
 def _model_config(params: Params, learner: str, data: MetaData, **extra: Any) -> MetaModelConfig:
     mt = params.meta_train
     fields: dict[str, Any] = {"encoder": mt.encoder, **extra}
@@ -70,7 +67,7 @@ def val_zero_shot(model: MetaModel, data: MetaData, params: Params) -> np.ndarra
     ctx = data.val.contexts.window(1) if model.config.uses_context else None
     init = model.initial_params(context=ctx, physics=data.val.physics, n_tasks=len(data.val.matrix))
     returns = greedy_returns(data.family, data.val.matrix, init, params.dqn.hidden_sizes,
-                             params.meta_train.eval_episodes, _seed(params, 99))
+                             params.meta_train.eval_episodes, derive_seed(params.meta_train.seed, Salt.VAL_ZERO_SHOT))
     return returns / data.val.expert_return
 
 
@@ -105,11 +102,13 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
     else:
         p = data.train.physics
         target = (torch.cdist(p, p) / p.shape[1] ** 0.5).numpy()
-    torch.manual_seed(_seed(params, 3))
+    torch.manual_seed(derive_seed(params.meta_train.seed, Salt.SIAMESE_INIT))
     encoder = ContextEncoder(mt.encoder, feature_dim(family), mt.encoder_hidden, mt.embed_dim)
     encoder.scale.fit(torch.cat(data.train.contexts.features))
-    fit = fit_siamese(encoder, data.train.contexts, target, cfg.iterations, cfg.learning_rate, _seed(params, 4))
-    emb = index_embeddings(fit.encoder, data.train.contexts, cfg.index_contexts, _seed(params, 5))
+    fit = fit_siamese(encoder, data.train.contexts, target, cfg.iterations, cfg.learning_rate,
+                       derive_seed(mt.seed, Salt.SIAMESE_FIT))
+    emb = index_embeddings(fit.encoder, data.train.contexts, cfg.index_contexts,
+                              derive_seed(mt.seed, Salt.SIAMESE_INDEX))
     shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
     experts = torch.stack([flatten_state_dict(sd, shapes) for sd in data.experts])
     ids = list(data.train.tasks["task_id"])
@@ -179,7 +178,7 @@ def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrai
     expert_return = np.concatenate([data.train.expert_return, data.val.expert_return])
     t0 = time.perf_counter()
     returns = cross_evaluation(family, data.experts, tasks, params.dqn.hidden_sizes,
-                               params.meta_train.eval_episodes, _seed(params, 1))
+                               params.meta_train.eval_episodes, derive_seed(params.meta_train.seed, Salt.CROSS_EVAL))
     scores = normalised_scores(returns, expert_return)
     cross_eval_s = time.perf_counter() - t0
     log.info("cross-evaluation: %d experts x %d tasks in %.1f s", *returns.shape, cross_eval_s)
