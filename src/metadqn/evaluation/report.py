@@ -528,18 +528,25 @@ def _run_info(data: _Inputs, params: Params, methods: list[str]) -> list[tuple[s
     ]
 
 
-def _summary(data: _Inputs, params: Params) -> str:
-    """The headline tables per split and the verdict: ``summary.md``, the pipeline's Prefect artifact."""
+def _headline_section(data: _Inputs, params: Params) -> list[str]:
+    """The headline tables per split (Markdown lines)."""
     cfg = params.meta_test
     splits = [s for s in ("interp", "extrap") if s in data.metrics]
     tables = "\n\n".join(f"**{SPLIT_NAMES[s]} tasks**: {headline_caption(data.metrics, s, confidence=cfg.confidence)}"
                          f"\n\n{headline_table(data.metrics, s, threshold=cfg.threshold)}" for s in splits)
+    return ["## Headline results", "", tables]
+
+
+def _verdict_section(data: _Inputs, params: Params) -> list[str]:
+    """The plain-language verdict (Markdown lines)."""
+    cfg = params.meta_test
     lines = verdict(data.metrics, threshold=cfg.threshold, confidence=cfg.confidence,
                     frozen_diffs=frozen_differences(data.scores, cfg))
-    return "\n".join(["## Headline results", "", tables, "", "## Verdict", "", *[f"- {line}" for line in lines], ""])
+    return ["## Verdict", "", *[f"- {line}" for line in lines]]
 
 
-def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: Path, summary: str) -> str:
+def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: Path, headline: list[str],
+              verdict_lines: list[str]) -> str:
     cfg = params.meta_test
     methods = ordered_methods(data.scores["method"].astype(str).unique())
     siamese = data.meta_train.get("siamese", {})
@@ -555,9 +562,8 @@ def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: 
                                if any(is_frozen(m) for m in methods) else "")
                             + f"dotted: the {pct(cfg.threshold)} threshold."),
     }
-    headline, verdict_part = summary.split("## Verdict", 1)
     md = [f"# {params.report.title}", "", "## What was run", "",
-          *[f"- {k}: {v}" for k, v in _run_info(data, params, methods)], "", headline.rstrip(), ""]
+          *[f"- {k}: {v}" for k, v in _run_info(data, params, methods)], "", *headline, ""]
     for name, fig in figs.items():
         md += [f"## {name}", "", *([text[name], ""] if name in text else []),
                f"![{name}]({fig.relative_to(out_dir).as_posix()})", ""]
@@ -566,7 +572,7 @@ def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: 
         chosen = selected_lines(data.selected)
         if chosen:
             md += ["Selected configurations:", "", *[f"- {line}" for line in chosen], ""]
-    md += ["## Verdict" + verdict_part.rstrip(), ""]
+    md += [*verdict_lines, ""]
     return "\n".join(md)
 
 
@@ -593,8 +599,9 @@ def build_report(
     data = _Inputs.read(Path(metrics_path), Path(curves_path), Path(scores_path), Path(meta_train_path),
                         Path(collect_path), Path(tasks_path), Path(search_path), Path(selected_path))
     figs = _figures(data, params, out_dir / "figures")
-    summary = _summary(data, params)
-    markdown = _markdown(data, params, figs, out_dir, summary)
+    headline, verdict_lines = _headline_section(data, params), _verdict_section(data, params)
+    summary = "\n".join([*headline, "", *verdict_lines, ""])  # summary.md: the pipeline's Prefect artifact
+    markdown = _markdown(data, params, figs, out_dir, headline, verdict_lines)
     md_path, html_path, summary_path = out_dir / "report.md", out_dir / "report.html", out_dir / "summary.md"
     write_text(md_path, markdown)
     write_text(summary_path, summary)
