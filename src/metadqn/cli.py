@@ -398,7 +398,33 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The console entry point. A failure that no command turned into its one-line message is still one line
+    (exit 1, "internal error"); ``METADQN_DEBUG=1`` shows the traceback for a bug report."""
+    import os
+
+    if os.environ.get("METADQN_DEBUG"):
+        app()
+        return
+    try:
+        code = app(standalone_mode=False)  # click returns an Exit's code instead of exiting
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(exc.exit_code if isinstance(exc, typer.Exit) else exc.code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence against a traceback
+        show = getattr(exc, "show", None)  # a usage error (typer's vendored click): its own short message
+        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
+            show()
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        first = (str(exc).strip().splitlines() or [""])[0]
+        typer.echo(f"internal error: {type(exc).__name__}: {first} (METADQN_DEBUG=1 shows the traceback)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
