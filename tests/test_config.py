@@ -56,9 +56,9 @@ def test_overlay_merges_key_by_key_and_is_named_in_errors(tmp_path):
 def test_overlay_from_environment(tmp_path, monkeypatch):
     base = _write(tmp_path, "{}")
     over = tmp_path / "over.yaml"
-    over.write_text("dqn: {total_steps: 123}\n")
+    over.write_text("dqn: {total_steps: 1234}\n")
     monkeypatch.setenv("METADQN_PARAMS", str(over))
-    assert load_params(base).dqn.total_steps == 123
+    assert load_params(base).dqn.total_steps == 1234
 
 
 def test_shipped_params_are_valid_and_digest_is_stable():

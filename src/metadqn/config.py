@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -33,13 +33,20 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # no NaN or inf anywhere: a non-finite hyperparameter only ever produces NaN networks later
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+"""A seed: numpy's SeedSequence and torch take any non-negative 64-bit integer."""
+Width = Annotated[int, Field(ge=1, le=65_536)]
+"""A layer width."""
 
 
 class RangeOverride(_Section):
-    train: list[tuple[float, float]]
+    train: list[tuple[float, float]] = Field(min_length=1)
     """Intervals R for train, validation and interpolation-test tasks."""
-    extrap: list[tuple[float, float]] | None = None
+    extrap: list[tuple[float, float]] | None = Field(None, min_length=1)
     """Intervals E for extrapolation-test tasks (default: the same as train)."""
 
     @model_validator(mode="after")
@@ -47,6 +54,8 @@ class RangeOverride(_Section):
         for lo, hi in [*self.train, *(self.extrap or [])]:
             if lo > hi:
                 raise ValueError(f"interval [{lo}, {hi}] has low > high")
+            if lo <= 0:  # every physics parameter of every family is a positive length, mass, force or gravity
+                raise ValueError(f"interval [{lo}, {hi}] must be positive (a physical length, mass, force or gravity)")
         return self
 
 
@@ -73,10 +82,12 @@ class FamilyConfig(_Section):
         name = info.data.get("name")
         if name is None:  # the name itself was refused; that error is reported instead
             return v
-        names = FAMILIES[name].param_names
+        specs = {p.name: p for p in FAMILIES[name].params}
         for key in v:
-            if key not in names:
-                raise ValueError(f"has unknown parameter {key!r} for {name} (known: {', '.join(names)})")
+            if key not in specs:
+                raise ValueError(f"has unknown parameter {key!r} for {name} (known: {', '.join(specs)})")
+            if specs[key].discrete is not None:
+                raise ValueError(f"{key} takes fixed values {specs[key].discrete}; it has no range to override")
         return v
 
     def family(self):
@@ -91,19 +102,19 @@ class FamilyConfig(_Section):
 class DQNConfig(_Section):
     """DQN hyperparameters, shared by expert training (collect) and fine-tuning (meta-test)."""
 
-    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64], min_length=1)
+    hidden_sizes: list[Width] = Field(default_factory=lambda: [64, 64], min_length=1, max_length=16)
     """Widths of the Q-network's hidden layers (ReLU MLP)."""
-    total_steps: int = Field(50_000, ge=1)
+    total_steps: int = Field(50_000, ge=1, le=10**9)
     """Environment steps per task (summed over the task's parallel environments)."""
-    envs_per_task: int = Field(8, ge=1)
+    envs_per_task: int = Field(8, ge=1, le=1024)
     """Parallel environments per task (gymnasium vector env)."""
-    buffer_size: int = Field(50_000, ge=1)
+    buffer_size: int = Field(50_000, ge=1, le=10**8)
     """Replay capacity per task, in transitions (rounded up to a multiple of envs_per_task)."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=65_536)
     """Transitions per task per gradient step."""
-    learning_rate: float = Field(2.3e-3, gt=0)
+    learning_rate: float = Field(2.3e-3, gt=0, le=10)
     """Adam step size at the start."""
-    learning_rate_end: float | None = Field(None, gt=0)
+    learning_rate_end: float | None = Field(None, gt=0, le=10)
     """If set, the step size decays linearly to this value over total_steps (damps late oscillation)."""
     gamma: float = Field(0.99, ge=0, le=1)
     """Discount factor."""
@@ -111,7 +122,7 @@ class DQNConfig(_Section):
     """Environment steps per task before the first gradient step."""
     train_frequency: int = Field(256, ge=1)
     """Environment steps per task between bursts of gradient steps."""
-    gradient_steps: int = Field(128, ge=1)
+    gradient_steps: int = Field(128, ge=1, le=100_000)
     """Gradient steps per burst (RL-Zoo's tuned CartPole DQN: 128 every 256 steps)."""
     target_update_interval: int = Field(128, ge=1)
     """Gradient steps between target-network updates (128 with the default burst = RL-Zoo's setting,
@@ -130,13 +141,13 @@ class DQNConfig(_Section):
     """Per-task gradient-norm clip."""
     eval_interval: int = Field(2_500, ge=1)
     """Environment steps per task between greedy evaluations (learning-curve points)."""
-    eval_episodes: int = Field(10, ge=1)
+    eval_episodes: int = Field(10, ge=1, le=10_000)
     """Greedy episodes per evaluation."""
     early_stop_return: float | None = None
     """Stop training a task once a greedy evaluation reaches this return (null: never)."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where to train: cpu, cuda, or auto (cuda when present)."""
-    torch_threads: int = Field(0, ge=0)
+    torch_threads: int = Field(0, ge=0, le=1024)
     """torch intra-op threads of a training run (0: leave the process's setting: ``runner.threads`` in the
     worker processes of the default runner, torch's default (all cores) elsewhere). The thread count does
     not change a result (tests/test_fanout.py), only the speed."""
@@ -145,9 +156,9 @@ class DQNConfig(_Section):
 class CollectConfig(_Section):
     """The collect stage: task sets, expert training and the trajectory dataset."""
 
-    task_seed: int = 0
+    task_seed: Seed = 0
     """Seed of the task sampler (task parameters per split)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of expert training and data collection."""
     n_train_tasks: int = Field(32, ge=2)
     """Training tasks (meta-training reads only these)."""
@@ -266,7 +277,7 @@ class MultitaskConfig(_Section):
 class MetaTrainConfig(_Section):
     """The meta_train stage."""
 
-    seed: int = 0
+    seed: Seed = 0
     """Seed of every meta-learner."""
     learners: list[str] = Field(default_factory=lambda: list(SELECTABLE), min_length=1)
     """Which learners to train (names from :data:`metadqn.learners.LEARNERS`; ``hypernet-oracle`` comes with
@@ -378,7 +389,7 @@ class SearchConfig(_Section):
 
     seeds: int = Field(2, ge=1)
     """Fine-tuning runs per (validation task, method, candidate)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the search's contexts and runs (independent of meta_test.seed)."""
     candidates: dict[str, FinetuneConfig] = Field(default_factory=lambda: {"dqn": FinetuneConfig()}, min_length=1)
     """Named fine-tuning configurations tried for every meta-learned method; the one with the highest
@@ -389,7 +400,7 @@ class SearchConfig(_Section):
 class MetaTestConfig(_Section):
     """The meta_test stage: fine-tuning every method on every held-out task, from equal budgets."""
 
-    seed: int = 0
+    seed: Seed = 0
     """Seed of contexts and fine-tuning runs."""
     seeds: int = Field(5, ge=1)
     """Fine-tuning runs per (task, method)."""
@@ -436,12 +447,33 @@ class ReportConfig(_Section):
 class RegistryConfig(_Section):
     """MLflow model registry: what is registered after a pipeline run, and the promotion rule."""
 
-    metric: str = "interp.zero_shot"
-    """``<split>.<metric>`` from reports/metrics.json that promotion compares (its _iqm and _ci_high)."""
+    metric: Literal["interp.zero_shot", "interp.auc", "interp.final",
+                    "extrap.zero_shot", "extrap.auc", "extrap.final"] = "interp.zero_shot"
+    """``<split>.<metric>`` from reports/metrics.json that promotion compares (its _iqm and _ci_high): only
+    figures where higher is better (zero-shot return, normalised AUC, final return); regret and steps to
+    threshold are lower-is-better and refused."""
     rule: Literal["above_ci_high", "above_iqm"] = "above_ci_high"
     """Promote when the challenger's IQM is above the champion's upper CI bound (or simply its IQM)."""
+    floor: float | None = None
+    """The bar a challenger's IQM on ``metric`` must clear to be promoted at all. Unset (default): the
+    no-meta-learning baseline, scratch's upper CI bound on ``metric`` in the same metrics.json."""
     qnet_method: str = "hypernet"
-    """Whose adapted Q-networks (seed 0, one per test task) are registered as metadqn-<family>-qnet."""
+    """Whose adapted Q-networks (seed 0, one per test task) are registered as metadqn-<family>-qnet (a
+    meta_test method: a learner or scratch)."""
+
+    @field_validator("qnet_method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)} (got {v!r})")
+        return v
+
+    @field_validator("floor")
+    @classmethod
+    def _finite_floor(cls, v: float | None) -> float | None:
+        if v is not None and not abs(v) < float("inf"):  # NaN fails this comparison too
+            raise ValueError(f"must be a finite number (got {v!r})")
+        return v
 
 
 class RunnerConfig(_Section):
@@ -465,10 +497,32 @@ class RunnerConfig(_Section):
     def _address_for_dask(self) -> RunnerConfig:
         if self.kind == "dask" and not (self.address or os.environ.get(DASK_ADDRESS_ENV)):
             raise ValueError(f"runner.address is required when runner.kind is dask (or set ${DASK_ADDRESS_ENV})")
+        if self.address is not None:
+            _check_dask_address(self.address, "runner.address")
+        if self.kind == "dask" and os.environ.get(DASK_ADDRESS_ENV):
+            _check_dask_address(os.environ[DASK_ADDRESS_ENV], f"${DASK_ADDRESS_ENV}")
         return self
 
     def dask_address(self) -> str | None:
         return os.environ.get(DASK_ADDRESS_ENV) or self.address
+
+
+_DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
+
+
+def _check_dask_address(address: str, what: str) -> None:
+    """A Dask scheduler address is ``scheme://host:port``; anything else fails only when a stage connects."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = urlsplit("")
+    if parts.scheme not in _DASK_SCHEMES or not parts.hostname or (parts.scheme != "inproc" and port is None):
+        raise ValueError(f"{what} must look like tcp://HOST:PORT (schemes: {', '.join(_DASK_SCHEMES)}; "
+                         f"got {address!r})")
 
 
 class ScheduleConfig(_Section):
@@ -483,12 +537,34 @@ class ScheduleConfig(_Section):
     record: bool = True
     """After a scheduled run: ``dvc push`` and a git commit of dvc.lock, the pool's .dvc file and the
     git-tracked reports (manual ``metadqn pipeline`` runs record only with ``--record``)."""
-    branch: str = "metadqn-scheduled"
+    branch: str = Field("metadqn-scheduled", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
     """The branch scheduled runs commit to; the serving checkout must be on it (a dedicated clone)."""
     push: bool = True
     """Push data and models to the default DVC remote before committing (so every commit can be pulled)."""
-    deployment: str = "metadqn-scheduled"
+    deployment: str = Field("metadqn-scheduled", min_length=1)
     """Name of the Prefect deployment that ``metadqn serve`` creates."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"must be an IANA time zone such as UTC or Europe/Paris (got {v!r})") from None
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, v: str) -> str:
+        from prefect.schedules import Cron  # the parser `metadqn serve` will use
+
+        try:
+            Cron(v)
+        except ValueError:
+            raise ValueError(f"must be a five-field cron expression such as '0 3 * * *' (got {v!r})") from None
+        return v
 
 
 class TrackingConfig(_Section):
@@ -513,16 +589,60 @@ class Params(BaseModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
-    def _budget_covers_context(self) -> Params:
+    def _coherent(self) -> Params:
+        """Cross-section rules: every value that would fail or silently do nothing in a stage is refused here."""
+        _check_sizes(self.model_dump(), "")
         c, t = self.meta_train.context_size, self.meta_test.budget_steps
         if t <= c:
             raise ValueError(f"meta_test.budget_steps must exceed meta_train.context_size ({c}) (got {t})")
+        dqn = self.dqn
+        if dqn.learning_starts >= dqn.total_steps:
+            raise ValueError(f"dqn.learning_starts must be below dqn.total_steps ({dqn.total_steps}) or no expert "
+                             f"ever trains (got {dqn.learning_starts})")
+        for name, cand in self.meta_test.search.candidates.items():
+            tuned = self.meta_test.dqn(dqn, c, cand)  # the fine-tuning config is built here, at load time
+            if tuned.learning_starts >= tuned.total_steps:
+                raise ValueError(f"meta_test.search.candidates.{name}: learning_starts ({tuned.learning_starts}) must "
+                                 f"be below the fine-tuning budget ({tuned.total_steps} steps) or nothing fine-tunes")
         rep = self.meta_train.reptile
         if "reptile" in self.meta_train.learners and rep.inner_loop == "online" \
-                and rep.inner_env_steps <= self.dqn.learning_starts:
+                and rep.inner_env_steps <= dqn.learning_starts:
             raise ValueError(f"meta_train.reptile.inner_env_steps must exceed dqn.learning_starts "
-                             f"({self.dqn.learning_starts}) or the inner loop never learns (got {rep.inner_env_steps})")
+                             f"({dqn.learning_starts}) or the inner loop never learns (got {rep.inner_env_steps})")
+        mt_steps = self.meta_train.multitask.total_steps
+        if "multitask" in self.meta_train.learners and mt_steps <= dqn.learning_starts:
+            raise ValueError(f"meta_train.multitask.total_steps must exceed dqn.learning_starts "
+                             f"({dqn.learning_starts}) or the multitask DQN never learns (got {mt_steps})")
+        _check_replay_memory(self)
         return self
+
+    def warnings(self) -> list[str]:
+        """Legal settings that are probably not what was meant (printed by the CLI, never fatal)."""
+        out = []
+        d = self.dqn
+        if d.epsilon_end > d.epsilon_start:
+            out.append(f"dqn.epsilon_end ({d.epsilon_end}) is above dqn.epsilon_start ({d.epsilon_start}): "
+                       "exploration grows during training")
+        learned = set(self.meta_train.learners) | ({"hypernet-oracle"} if "hypernet" in self.meta_train.learners
+                                                     and self.meta_train.hypernet.oracle else set())
+        from metadqn.learners import LEARNERS
+
+        skipped = [m for m in self.meta_test.methods if m in LEARNERS and m not in learned]
+        if skipped:
+            out.append(f"meta_test.methods lists {', '.join(skipped)}, which meta_train.learners does not train: "
+                       "they will be skipped")
+        if d.eval_interval > d.total_steps:
+            out.append(f"dqn.eval_interval ({d.eval_interval}) exceeds dqn.total_steps ({d.total_steps}): expert "
+                       "curves have only their first and last points")
+        budget = self.meta_test.budget_steps - self.meta_train.context_size
+        if self.meta_test.eval_interval > budget:
+            out.append(f"meta_test.eval_interval ({self.meta_test.eval_interval}) exceeds the fine-tuning budget "
+                       f"({budget}): learning curves have only their first and last points")
+        hn = self.meta_train.hypernet
+        if "hypernet" in self.meta_train.learners and hn.eval_interval > hn.iterations:
+            out.append(f"meta_train.hypernet.eval_interval ({hn.eval_interval}) exceeds its iterations "
+                       f"({hn.iterations}): only the last step is evaluated")
+        return out
 
     def digest(self) -> str:
         """A short, stable hash of every value that can change a result (recorded with each run and model
@@ -533,6 +653,39 @@ class Params(BaseModel):
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, for MLflow params."""
         return _flatten(self.model_dump(mode="json"))
+
+
+MAX_INT = 10**9
+"""No count or size in params is meant to be this large; larger ones would only exhaust memory or time."""
+
+
+def _check_sizes(d: Mapping[str, Any], prefix: str) -> None:
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            _check_sizes(v, f"{prefix}{k}.")
+        elif isinstance(v, int) and not isinstance(v, bool) and v > MAX_INT and not k.endswith("seed"):
+            raise ValueError(f"{prefix}{k} must be <= {MAX_INT:.0e} (got {v})")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound
+        return 2**62
+
+
+def _check_replay_memory(p: Params) -> None:
+    """The largest replay allocation (one float32 row of obs, next obs, action, reward, done, weight per
+    transition, for every task trained at once) must fit in this machine's memory."""
+    obs_dim = p.family.family().obs_dim
+    tasks = sum(p.collect.counts().values())
+    slots = max(min(p.collect.group_size, tasks), p.collect.n_train_tasks)
+    need = p.dqn.buffer_size * (2 * obs_dim + 4) * 4 * slots
+    have = _physical_memory()
+    if need > have:
+        raise ValueError(f"dqn.buffer_size ({p.dqn.buffer_size}) x {slots} tasks trained at once needs "
+                         f"{need / 2**30:.1f} GiB of replay, more than this machine's {have / 2**30:.1f} GiB; "
+                         "lower dqn.buffer_size or collect.group_size")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -546,15 +699,61 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML lets the last
+    one win silently, so a duplicated section would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key (a list as a key): refused below by PyYAML itself
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_PARAMS_BYTES = 1_000_000
+"""A params file is a few kilobytes; anything this large is the wrong file."""
+
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a directory, not a params file")
     if not path.exists():
         raise ParamsError(f"{path}: file not found (run from the project root, or pass --params PATH)")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: {len(raw)} bytes is too large for a params file (at most {MAX_PARAMS_BYTES})")
+    if b"\x00" in raw:  # UTF-16/32 or a binary file
+        raise ParamsError(f"{path}: not a text file (binary, or UTF-16/32 encoded); params files are UTF-8 YAML")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start}); params files are UTF-8 YAML") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be a params file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -569,9 +768,10 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _has_key(d: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+def _has_key(d: Any, loc: tuple[Any, ...]) -> bool:
     for part in loc:
-        if not isinstance(d, Mapping) or part not in d:
+        in_list = isinstance(d, list) and isinstance(part, int) and 0 <= part < len(d)
+        if not (in_list or (isinstance(d, Mapping) and part in d)):
             return False
         d = d[part]
     return True
@@ -598,6 +798,10 @@ _RULES = {
     "literal_error": "must be one of {expected}",
     "too_short": "must have at least {min_length} item(s)",
     "tuple_type": "must be a [low, high] pair",
+    "finite_number": "must be a finite number",
+    "string_too_short": "must not be empty",
+    "too_long": "must have at most {max_length} item(s)",
+    "string_pattern_mismatch": "must be a git branch name (letters, digits and . _ / -, not starting with . / -)",
 }
 
 
@@ -612,10 +816,17 @@ def _format_error(err: Mapping[str, Any], source: str) -> str:
             rule = None
     if rule is None:
         rule = str(err["msg"]).removeprefix("Value error, ")
-    got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+    got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {_short(err.get('input'))})"
     if err["type"] == "value_error":
         got = ""
+    if loc and rule.startswith(loc + "."):  # a section's own rule already names its key in full
+        loc = ""
     return f"{source}: {loc + ' ' if loc else ''}{rule}{got}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overlay: Path | str | None = None) -> Params:
@@ -625,6 +836,11 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overlay: Path | str | None = 
     """
     path = Path(path)
     overlay = overlay if overlay is not None else os.environ.get(PARAMS_ENV) or None
+    if overlay is not None and os.environ.get("DVC_STAGE"):
+        # inside `dvc repro` the overlay would change results that dvc.lock records as params.yaml's values
+        raise ParamsError(f"{overlay}: a params overlay (--params or ${PARAMS_ENV}) is refused inside the DVC stage "
+                          f"{os.environ['DVC_STAGE']}: DVC tracks only params.yaml; put the values there (or unset "
+                          f"${PARAMS_ENV})")
     data = _read_yaml(path)
     over: dict[str, Any] = {}
     if overlay is not None:
@@ -634,5 +850,14 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overlay: Path | str | None = 
         return Params.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        source = str(overlay) if overlay is not None and _has_key(over, tuple(err["loc"])) else str(path)
+        loc = tuple(err["loc"]) or _key_in_message(str(err["msg"]))
+        source = str(overlay) if overlay is not None and loc and _has_key(over, loc) else str(path)
         raise ParamsError(_format_error(err, source)) from None
+
+
+def _key_in_message(msg: str) -> tuple[str, ...]:
+    """The first dotted params key a cross-section rule's message names (to tell which file set it)."""
+    import re
+
+    found = re.search(r"\b([a-z_]+(?:\.[a-z_]+)+)\b", msg)
+    return tuple(found.group(1).split(".")) if found else ()
