@@ -9,15 +9,26 @@ A *scheduled* run (``metadqn serve``'s deployment, or ``metadqn pipeline --sched
 training task pool by ``schedule.grow_tasks`` tasks seeded by the run's scheduled time (a retried run
 does not grow twice), and afterwards records the version it made (``schedule.record``): ``dvc push`` and a
 git commit of dvc.lock, the pool's .dvc file and the git-tracked reports on ``schedule.branch``.
+
+Process hygiene (#11, the mechanics in :mod:`metadqn.procs`): each ``dvc repro <stage>`` runs in its own
+process group, which is killed when the stage ends, fails or is interrupted; a guard process kills the stage
+and the temporary Prefect server if this process is killed outright (SIGKILL), and keeps the pipeline lock
+until they are gone. Each stage's stdout and stderr stream to the terminal and into
+``.metadqn/logs/<YYYYmmdd-HHMMSS>-<stage>.log`` (local time; git-ignored, never pruned: delete old ones at
+will); a failed stage raises :class:`PipelineFailed`, one line with the stage, its exit code, its error line
+and that log. Run from ``metadqn pipeline`` (:func:`run_pipeline`), SIGINT, SIGTERM and SIGHUP end the run in
+one line with exit code 130, 143 or 129 once the process tree is gone; served (``metadqn serve``) Prefect's
+own signal handling stays in charge (its cancellation), and a stage is still killed with its run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
-import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -30,9 +41,12 @@ from metadqn import paths
 from metadqn.config import Params, load_params
 from metadqn.dag import recorded_md5
 from metadqn.dag import stages as dvc_stages
+from metadqn.procs import Guard, Interrupts, log_path, run_logged, terminate
 from metadqn.versioning import tool
 
 LOCK = Path(".metadqn-pipeline.lock")
+LOG_DIR = Path(".metadqn") / "logs"
+"""One log file per stage run: ``<YYYYmmdd-HHMMSS>-<stage>.log`` (git-ignored)."""
 RECORDED = (Path("dvc.lock"), paths.TASK_POOL.with_name(paths.TASK_POOL.name + ".dvc"), Path("reports"))
 """What a recorded run commits (the outputs themselves go to the DVC remote)."""
 
@@ -41,11 +55,18 @@ class PipelineBusy(RuntimeError):
     """Another pipeline run holds the lock."""
 
 
+class PipelineFailed(RuntimeError):
+    """A stage failed. The message is one line: the stage, its exit code, its last error line, its log."""
+
+
 @contextlib.contextmanager
-def pipeline_lock(path: Path = LOCK) -> Iterator[None]:
+def pipeline_lock(path: Path = LOCK) -> Iterator[int]:
     """One pipeline run at a time per project: a second (e.g. an overlapping scheduled run) is refused.
 
-    An OS-level lock (released by the kernel if the holder dies), so a crashed run never blocks the next.
+    An OS-level lock (released by the kernel when the last process holding it is gone), so a crashed run never
+    blocks the next. Yields the lock's file descriptor: the run's guard inherits it (see
+    :func:`_supervised`), so that the lock outlives this process until the stage it started is dead too.
+    Never unlocked explicitly: ``LOCK_UN`` would drop the lock for every holder of the descriptor at once.
     """
     with open(path, "a+") as handle:
         try:
@@ -53,10 +74,98 @@ def pipeline_lock(path: Path = LOCK) -> Iterator[None]:
         except BlockingIOError:
             raise PipelineBusy(f"another metadqn pipeline run holds {path}; try again when it has finished") \
                 from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield handle.fileno()
+
+
+@dataclass
+class _Run:
+    """What an interrupt needs to know about the run in progress."""
+
+    guard: Guard | None = None
+    phase: str = "before the first stage"
+    log: Path | None = None
+
+
+_catch_signals = False
+"""True while :func:`run_pipeline` (the CLI) runs the flow: signals become one line (see metadqn.procs)."""
+_current = _Run()
+
+
+def _temporary_server_pid() -> int | None:
+    """The pid of the temporary Prefect server this process started, if it started one (the guard must kill
+    it, after the stages that report to it, if this process dies)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer  # imported already by the client that started it
+
+    server = SubprocessASGIServer()  # the one instance Prefect's client started (a singleton per port)
+    return server.server_process.pid if server.server_process is not None else None
+
+
+def _on_interrupt() -> None:
+    if _current.guard is not None:
+        _current.guard.kill()
+    else:  # before the lock and its guard: only the temporary server may be running
+        pid = _temporary_server_pid()
+        terminate(pids=[pid] if pid else [])
+
+
+def _interrupt_message(signal_name: str) -> str:
+    log = f" (log: {_current.log})" if _current.log is not None and "stage" in _current.phase else ""
+    return (f"pipeline interrupted ({signal_name}) {_current.phase}{log}; outputs of finished stages are kept, "
+            f"rerun to continue")
+
+
+@contextlib.contextmanager
+def _supervised(lock_fd: int) -> Iterator[_Run]:
+    """The run's guard (holding the lock's descriptor) and, from the CLI, its signal handling."""
+    global _current
+    guard = Guard(keep_fds=(lock_fd,))
+    _current = _Run(guard=guard)
+    server = _temporary_server_pid()
+    if server is not None:
+        guard.watch_pid(server)
+    if _catch_signals:
+        # Prefect's flow engine put its own SIGTERM handler in at the start of this flow run: ours again
+        Interrupts(_on_interrupt, _interrupt_message).arm()
+    try:
+        yield _current
+    finally:
+        guard.release()
+        _current = _Run(phase="after the last stage")
+
+
+class _QuietFailure(logging.Filter):
+    """Keeps a failed stage's tracebacks (Prefect logs one per task and one per flow run) off the terminal: the
+    CLI prints the failure's one line instead; Prefect's API log, where the UI shows them, still gets them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, PipelineFailed) and PipelineFailed.__name__ not in record.getMessage()
+
+
+def run_pipeline(scheduled: bool = False, grow: int | None = None, record: bool | None = None,
+                 at: str | None = None) -> dict:
+    """What ``metadqn pipeline`` runs: :func:`pipeline_flow`, with SIGINT, SIGTERM and SIGHUP turned into one
+    line and exit code 130, 143 or 129 once the stage and the temporary Prefect server are gone, and a failed
+    stage into :class:`PipelineFailed` alone (the caller prints it)."""
+    global _catch_signals
+    _catch_signals = True
+    Interrupts(_on_interrupt, _interrupt_message).arm()
+    # the terminal's handlers: Prefect's console handler (on the "prefect" logger, where its flow and task run
+    # loggers propagate) or, where it is not set up, the root logger's (the CLI's logging setup)
+    handlers = [*logging.getLogger("prefect").handlers, *logging.getLogger().handlers]
+    quiet = _QuietFailure()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        return pipeline_flow(scheduled=scheduled, grow=grow, record=record, at=at)
+    finally:
+        _catch_signals = False
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _api_url() -> str | None:
@@ -74,7 +183,13 @@ def dvc_repro(stage: str) -> None:
     url = _api_url()
     if url:
         env["PREFECT_API_URL"] = url
-    subprocess.run([tool("dvc"), "repro", stage], check=True, env=env)
+    log = log_path(LOG_DIR, stage)
+    _current.phase, _current.log = f"during stage {stage}", log
+    done = run_logged([tool("dvc"), "repro", stage], log, env=env, guard=_current.guard)
+    if done.returncode != 0:
+        raise PipelineFailed(f"stage {stage} failed (exit code {done.returncode}): "
+                             f"{done.error_line or 'no error message'}; full output in {log}")
+    _current.phase = f"after stage {stage}"
 
 
 def _data_hash() -> str:
@@ -150,17 +265,20 @@ def pipeline_flow(scheduled: bool = False, grow: int | None = None, record: bool
     record = (params.schedule.record if scheduled else False) if record is None else record
     when = run_time(at)
     commit, lines = None, []
-    with pipeline_lock():
+    with pipeline_lock() as lock_fd, _supervised(lock_fd) as run:
         if record:
             from metadqn.versioning import check_branch
 
             check_branch(params.schedule.branch)
+        run.phase = "while preparing the task pool"
         new_tasks = update_pool(params, grow, when)
         for stage in stages or dvc_stages():
             dvc_repro(stage)
         if registry:
+            run.phase = "while registering and promoting"
             lines = register_and_promote()
         if record:
+            run.phase = "while recording the run"
             commit = record_run(params, when, new_tasks, lines)
     if paths.REPORT_SUMMARY.exists():
         create_markdown_artifact(markdown=paths.REPORT_SUMMARY.read_text(), key="metadqn-pipeline-summary",

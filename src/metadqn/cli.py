@@ -350,9 +350,13 @@ def pipeline(
     n_grow = (cfg.schedule.grow_tasks if scheduled else 0) if grow is None else grow
     do_record = (cfg.schedule.record if scheduled else False) if record is None else record
     _pipeline_checks(cfg, do_record, at)
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import PipelineFailed, run_pipeline
 
-    pipeline_flow(scheduled=scheduled, grow=n_grow, record=do_record, at=at)
+    # SIGINT, SIGTERM, SIGHUP: one line and exit 130, 143, 129 once the stage is gone (flows/pipeline.py)
+    try:
+        run_pipeline(scheduled=scheduled, grow=n_grow, record=do_record, at=at)
+    except PipelineFailed as exc:  # one line: the stage, its exit code, its error line, its log file
+        raise _fail(str(exc)) from None
 
 
 @app.command()
