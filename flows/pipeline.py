@@ -224,9 +224,10 @@ def record_run(params: Params, when: datetime, new_tasks: list[str], lines: list
 @task(name="register-and-promote", cache_policy=NO_CACHE)
 def register_and_promote() -> list[str]:
     from metadqn.tracking.registry import promote, register_meta_models, register_qnets
-    from metadqn.tracking.runs import configure_tracking, git_commit
+    from metadqn.tracking.runs import check_tracking, configure_tracking, git_commit
 
     params = load_params()
+    check_tracking(disable_hint=False)  # a dead or hung server: one line (TrackingUnavailable) in seconds
     configure_tracking()
     provenance = {"git_commit": git_commit(), "dvc_data_hash": _data_hash(),
                   "prefect_flow_run_id": str(flow_run.get_id() or "")}

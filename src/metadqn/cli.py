@@ -38,6 +38,19 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _check_tracking(cfg: Params) -> None:
+    """A stage that tracks checks the MLflow store first: a dead or hung server ends it in one line before
+    any training, not in minutes of retries and a traceback after it."""
+    if not cfg.tracking.enabled:
+        return
+    from metadqn.tracking.runs import TrackingUnavailable, check_tracking
+
+    try:
+        check_tracking()
+    except TrackingUnavailable as exc:
+        raise _fail(str(exc)) from None
+
+
 def _preflight(store: TaskStore, splits: tuple[str, ...], cfg: Params) -> None:
     """Checks a stage's inputs before Prefect starts: a missing or foreign file ends in one line."""
     from metadqn.data.store import MissingInputError
@@ -73,6 +86,7 @@ def collect(
     """Train an expert for every pool and held-out task that lacks one; write trajectories, experts, metrics."""
     _setup_logging()
     cfg = _load(base_params, params)
+    _check_tracking(cfg)
     from flows.collect import collect_flow
 
     from metadqn.data.pool import PoolError
@@ -162,6 +176,7 @@ def meta_train(
     """Train every meta-learner in params (hypernet, siamese, reptile, multitask) on the training tasks."""
     _setup_logging()
     cfg = _load(base_params, params)
+    _check_tracking(cfg)
     from flows.meta_train import meta_train_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
@@ -192,6 +207,7 @@ def finetune_search(
     """Choose each meta-learned method's fine-tuning configuration on the validation tasks (never test tasks)."""
     _setup_logging()
     cfg = _load(base_params, params)
+    _check_tracking(cfg)
     from flows.finetune_search import finetune_search_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
@@ -226,6 +242,7 @@ def meta_test(
     """Fine-tune every method on every held-out task and seed; write curves, metrics and adapted networks."""
     _setup_logging()
     cfg = _load(base_params, params)
+    _check_tracking(cfg)
     from flows.meta_test import meta_test_flow
 
     from metadqn.data.store import MissingInputError, TaskStore
@@ -266,6 +283,7 @@ def report(
     """Write the evaluation report (report.md, report.html rendered from it, summary.md, figures/)."""
     _setup_logging()
     cfg = _load(base_params, params)
+    _check_tracking(cfg)
     from flows.report import report_flow
 
     for need, stage in ((metrics, "meta_test"), (curves, "meta_test"), (scores, "meta_test"),
@@ -288,20 +306,37 @@ def promote(
 ) -> None:
     """Move `champion` to each meta-model's `challenger` where the registry rule in params holds."""
     cfg = _load(base_params, params)
-    from metadqn.tracking.registry import promote as run_promote
-    from metadqn.tracking.runs import configure_tracking
+    from metadqn.tracking.runs import TrackingUnavailable, check_tracking, configure_tracking, redact_uri, tracking_uri
 
-    configure_tracking()
-    decisions = run_promote(cfg, model, dry_run)
+    try:  # a dead or hung server: one line in seconds, not "no challenger" after minutes of retries
+        check_tracking(disable_hint=False)
+    except TrackingUnavailable as exc:
+        raise _fail(str(exc)) from None
+    from mlflow.exceptions import MlflowException
+
+    from metadqn.tracking.registry import PromotionBusy
+    from metadqn.tracking.registry import promote as run_promote
+
+    try:
+        configure_tracking()
+        decisions = run_promote(cfg, model, dry_run)
+    except PromotionBusy as exc:
+        raise _fail(str(exc)) from None
+    except MlflowException as exc:
+        first = (exc.message.strip().splitlines() or [""])[0]
+        raise _fail(f"MLflow tracking store {redact_uri(tracking_uri())}: {first}") from None
     if not decisions:
         raise _fail("no registered model has a challenger; run `make pipeline` first")
-    typer.echo(f"rule: {cfg.registry.metric} IQM of challenger {cfg.registry.rule.replace('_', ' ')} of champion"
-               f"{' (dry run)' if dry_run else ''}")
-    typer.echo(f"{'model':40} {'chall.':>6} {'champ.':>6} {'chall. IQM':>10} {'champ. IQM':>10} {'bound':>7}  decision")
+    bar = (f"the floor {cfg.registry.floor:g}" if cfg.registry.floor is not None
+           else "scratch's upper CI bound (same run)")
+    typer.echo(f"rule: {cfg.registry.metric} IQM of challenger above {bar}, and "
+               f"{cfg.registry.rule.replace('_', ' ')} of champion{' (dry run)' if dry_run else ''}")
+    typer.echo(f"{'model':40} {'chall.':>6} {'champ.':>6} {'chall. IQM':>10} {'champ. IQM':>10} {'bound':>7} "
+               f"{'bar':>7}  decision")
     for d in decisions:
         verdict = ("would promote" if dry_run else "PROMOTED") if d.promoted else "kept champion"
         typer.echo(f"{d.name:40} {d.challenger or '-':>6} {d.champion or '-':>6} {d.challenger_value:>10.3f} "
-                   f"{d.champion_value:>10.3f} {d.champion_bound:>7.3f}  {verdict}: {d.reason}")
+                   f"{d.champion_value:>10.3f} {d.champion_bound:>7.3f} {d.bar:>7.3f}  {verdict}: {d.reason}")
 
 
 @app.command("check-params")

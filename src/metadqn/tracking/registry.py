@@ -6,24 +6,44 @@ multitask) and ``metadqn-<family>-qnet`` for adapted Q-networks (one version per
 
 Every version carries tags that trace it to its data and code: ``git_commit``, ``dvc_data_hash``,
 ``params_digest``, ``prefect_flow_run_id``, ``mlflow_run_id``, ``content_hash`` (the DVC hash of the model
-folder, which makes registration idempotent: an unchanged model is not registered again), and the
-held-out meta-test metrics of the run that produced it (``metric.<split>.<name>``), which promotion reads.
+folder, which makes registration idempotent: an unchanged model is not registered again), the
+held-out meta-test metrics of the run that produced it (``metric.<split>.<name>``) and the no-meta-learning
+baseline's (scratch's) figures from the same metrics file (``baseline.<split>.<name>``), which promotion reads.
+
+Promotion is a read-decide-write on aliases, so concurrent promotes are serialised by an OS lock (beside a
+sqlite store, or per tracking URI on this machine for a server); conflicts a server reports are retried.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
 import json
 import math
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from metadqn import paths
-from metadqn.config import Params
+from metadqn.config import Params, RegistryConfig
 from metadqn.data.io import dvc_md5
-from metadqn.learners import LEARNERS
+from metadqn.learners import LEARNERS, SCRATCH
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+PROMOTABLE = typing.get_args(RegistryConfig.model_fields["metric"].annotation)
+"""The ``<split>.<metric>`` figures promotion may compare (higher is better), as params allow them."""
+LOCK_WAIT_S = 120.0
+_T = TypeVar("_T")
+
+
+class PromotionBusy(ValueError):
+    """Another promote held the promotion lock for too long; the message is one line."""
 
 
 def model_name(family: str, learner: str) -> str:
@@ -31,10 +51,19 @@ def model_name(family: str, learner: str) -> str:
 
 
 def metric_tags(metrics: dict[str, Any], method: str) -> dict[str, str]:
+    """``method``'s meta-test figures as ``metric.<split>.<name>`` tags, plus the baseline's (scratch's)
+    figures that promotion compares against as ``baseline.<split>.<name>``, from the same metrics."""
     tags = {}
     for split in ("interp", "extrap"):
         for key, value in metrics.get(split, {}).get(method, {}).items():
             tags[f"metric.{split}.{key}"] = "nan" if value is None else str(value)
+    for figure in PROMOTABLE:
+        split, base = figure.split(".", 1)
+        scratch = metrics.get(split, {}).get(SCRATCH, {})
+        for suffix in ("_iqm", "_ci_low", "_ci_high"):
+            if base + suffix in scratch:
+                value = scratch[base + suffix]
+                tags[f"baseline.{split}.{base}{suffix}"] = "nan" if value is None else str(value)
     return tags
 
 
@@ -108,60 +137,171 @@ class Decision:
     champion_bound: float
     promoted: bool
     reason: str
+    bar: float = math.nan
+    """The baseline bar the challenger had to clear: registry.floor, else scratch's upper CI bound."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    challenger: float
+    """The challenger's IQM on the rule's metric."""
+    champion: float
+    bound: float
+    """What the challenger had to beat on the champion's side: its upper CI bound or its IQM."""
+    bar: float
+    """The baseline bar: ``registry.floor`` when set, else scratch's upper CI bound."""
+    reason: str
 
 
 def decide(challenger_tags: dict[str, str], champion_tags: dict[str, str] | None, metric: str,
-           rule: str) -> tuple[bool, float, float, float, str]:
-    """(promote?, challenger IQM, champion IQM, champion bound, reason) — the promotion rule, pure."""
+           rule: str, floor: float | None = None) -> Verdict:
+    """The promotion rule, pure. A challenger is promoted only if its IQM is finite, above the baseline bar
+    (``floor``, else scratch's upper CI bound from the challenger's own run: a model that does not beat
+    learning from scratch is no model to serve) and, when there is a champion, above the champion (its
+    upper CI bound or its IQM, per ``rule``)."""
     split, base = metric.split(".", 1)
     c = _tag_float(challenger_tags, f"metric.{split}.{base}_iqm")
+    champ = _tag_float(champion_tags or {}, f"metric.{split}.{base}_iqm")
+    bound = champ if rule != "above_ci_high" else _tag_float(champion_tags or {}, f"metric.{split}.{base}_ci_high")
+    if floor is not None:
+        bar, bar_what = floor, "the floor (registry.floor)"
+    else:
+        bar, bar_what = _tag_float(challenger_tags, f"baseline.{split}.{base}_ci_high"), \
+            f"{SCRATCH}'s upper CI bound"
     if not math.isfinite(c):
-        return False, c, math.nan, math.nan, f"challenger has no finite {metric}_iqm"
+        return Verdict(False, c, champ, bound, bar, f"challenger has no finite {metric}_iqm")
+    if not math.isfinite(bar):
+        return Verdict(False, c, champ, bound, bar, f"no finite {SCRATCH} baseline for {metric} in its tags "
+                       "(register it again from a meta-test that ran scratch, or set registry.floor)")
+    if c <= bar:
+        return Verdict(False, c, champ, bound, bar, f"{c:.3f} <= {bar_what} {bar:.3f}: not above the baseline")
+    beats = f"{c:.3f} > {bar_what} {bar:.3f}"
     if champion_tags is None:
-        return True, c, math.nan, math.nan, "no champion yet"
-    champ = _tag_float(champion_tags, f"metric.{split}.{base}_iqm")
-    bound = _tag_float(champion_tags, f"metric.{split}.{base}_ci_high") if rule == "above_ci_high" else champ
+        return Verdict(True, c, champ, bound, bar, f"no champion yet; {beats}")
     if not math.isfinite(bound):
-        return True, c, champ, bound, "champion has no finite metric"
+        return Verdict(True, c, champ, bound, bar, f"champion has no finite metric; {beats}")
     what = "upper CI bound" if rule == "above_ci_high" else "IQM"
     if c > bound:
-        return True, c, champ, bound, f"{c:.3f} > champion's {what} {bound:.3f}"
-    return False, c, champ, bound, f"{c:.3f} <= champion's {what} {bound:.3f}"
+        return Verdict(True, c, champ, bound, bar, f"{c:.3f} > champion's {what} {bound:.3f}; {beats}")
+    return Verdict(False, c, champ, bound, bar, f"{c:.3f} <= champion's {what} {bound:.3f}")
+
+
+def _missing(exc: Exception) -> bool:
+    """A registry answer meaning "no such model or alias", as opposed to a store that failed."""
+    return getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def lock_path(uri: str) -> Path:
+    """Where promotes on ``uri`` take turns: beside a sqlite database (every process that opens it sees
+    the same file), else a per-URI file in the temporary folder (this machine's processes only)."""
+    if uri.startswith("sqlite:"):
+        path = uri.split("://", 1)[1]
+        path = path[1:] if path.startswith("/") else path
+        path = path.split("?", 1)[0]
+        if path not in ("", ":memory:"):
+            db = Path(path).resolve()
+            return db.with_name(db.name + ".promote.lock")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"metadqn-promote-{digest}.lock"
+
+
+@contextlib.contextmanager
+def promotion_lock(uri: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Holds the promotion lock of ``uri``; an OS lock, so a killed holder never blocks the next one."""
+    path = lock_path(uri)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PromotionBusy(f"another promote has held {path} for over {wait_s:g} s; "
+                                        "try again when it has finished") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_CONFLICTS = ("RESOURCE_ALREADY_EXISTS", "ABORTED", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+              "RESOURCE_CONFLICT")
+
+
+def _conflict(exc: Exception) -> bool:
+    """An error that a second try may not meet: another writer got there first, or a busy store."""
+    if getattr(exc, "error_code", None) in _CONFLICTS:
+        return True
+    text = str(exc).lower()
+    return "database is locked" in text or "unique constraint" in text or "integrityerror" in text
+
+
+def _retrying(step: Callable[[], _T], tries: int = 4) -> _T:
+    """Runs one read-decide-write again when the store reports a conflict: the next read sees the winner's
+    write, so the step decides anew (e.g. "already champion") instead of dying with a traceback."""
+    for attempt in range(tries):
+        try:
+            return step()
+        except Exception as exc:
+            if attempt == tries - 1 or not _conflict(exc):
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def promote(params: Params, name: str | None = None, dry_run: bool = False) -> list[Decision]:
-    """Moves ``champion`` to each model's challenger where the rule holds; records the decision as tags."""
+    """Moves ``champion`` to each model's challenger where the rule holds; records the decision as tags.
+
+    Safe to run concurrently: the whole read-decide-write holds :func:`promotion_lock`, so of several
+    promotes of one challenger exactly one promotes it and the others find it already champion.
+    """
     import mlflow
 
     client = mlflow.MlflowClient()
     names = [name] if name else [model_name(params.family.name, m) for m in LEARNERS]
-    decisions = []
-    for n in names:
-        try:
-            challenger = client.get_model_version_by_alias(n, CHALLENGER)
-        except mlflow.exceptions.MlflowException:
-            continue
-        try:
-            champion = client.get_model_version_by_alias(n, CHAMPION)
-        except mlflow.exceptions.MlflowException:
-            champion = None
-        if champion is not None and champion.version == challenger.version:
-            decisions.append(Decision(n, challenger.version, champion.version, math.nan, math.nan, math.nan, False,
-                                      "challenger is already champion"))
-            continue
-        ok, c, champ, bound, reason = decide(challenger.tags, champion.tags if champion else None,
-                                             params.registry.metric, params.registry.rule)
-        decisions.append(Decision(n, challenger.version, champion.version if champion else None, c, champ, bound,
-                                  ok, reason))
-        if dry_run:
-            continue
-        for key, value in {"promotion.decision": "promoted" if ok else "rejected", "promotion.reason": reason,
-                           "promotion.metric": params.registry.metric, "promotion.rule": params.registry.rule,
-                           "promotion.compared_to": champion.version if champion else "none"}.items():
-            client.set_model_version_tag(n, challenger.version, key, value)
-        if ok:
-            client.set_registered_model_alias(n, CHAMPION, challenger.version)
-    return decisions
+    guard = contextlib.nullcontext() if dry_run else promotion_lock(mlflow.get_tracking_uri())
+    with guard:
+        decisions = [_retrying(functools.partial(_promote_one, client, n, params, dry_run)) for n in names]
+    return [d for d in decisions if d is not None]
+
+
+def _alias(client: Any, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if _missing(exc):
+            return None
+        raise  # a store that does not answer is not "no challenger"
+
+
+def _promote_one(client: Any, n: str, params: Params, dry_run: bool) -> Decision | None:
+    reg = params.registry
+    challenger = _alias(client, n, CHALLENGER)
+    if challenger is None:
+        return None
+    champion = _alias(client, n, CHAMPION)
+    v = decide(challenger.tags, champion.tags if champion else None, reg.metric, reg.rule, reg.floor)
+    # versions are ints from a sqlite store and strings from a server: the decision speaks strings
+    mine, theirs = str(challenger.version), str(champion.version) if champion is not None else None
+    if mine == theirs:
+        return Decision(n, mine, theirs, v.challenger, v.champion, v.bound, False, "challenger is already champion",
+                        v.bar)
+    decision = Decision(n, mine, theirs, v.challenger, v.champion, v.bound, v.promote, v.reason, v.bar)
+    if dry_run:
+        return decision
+    tags = {"promotion.decision": "promoted" if v.promote else "rejected", "promotion.reason": v.reason,
+            "promotion.metric": reg.metric, "promotion.rule": reg.rule,
+            "promotion.compared_to": theirs or "none",
+            "promotion.baseline": "floor" if reg.floor is not None else SCRATCH,
+            "promotion.baseline_value": repr(v.bar)}
+    for key, value in tags.items():
+        client.set_model_version_tag(n, challenger.version, key, value)
+    if v.promote:
+        client.set_registered_model_alias(n, CHAMPION, challenger.version)
+    return decision
 
 
 def qnet_alias(task_id: str) -> str:
