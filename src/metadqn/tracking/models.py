@@ -6,7 +6,10 @@ reward, next_obs_*, terminated); rows with ``role == "obs"`` are the observation
 ``hypernet-oracle`` also takes one ``role == "physics"`` row with the task's physics columns. Output: one
 row per observation, ``action`` (greedy) and ``q_0..q_{A-1}``. Inside ``predict`` the meta-model generates
 (or retrieves) the task's Q-network from the context. The model ships the ``metadqn`` package as code
-and loads its weights with ``weights_only=True``.
+and loads its weights with ``weights_only=True``. The pyfunc itself is logged as code
+(:mod:`metadqn.tracking.pyfunc_meta`, :mod:`metadqn.tracking.pyfunc_qnet`), never pickled, so nothing in
+the artifacts is unpickled at load. An input that lacks what the model needs is refused with an
+``MlflowException`` (INVALID_PARAMETER_VALUE: HTTP 400 from ``mlflow models serve``) of one line naming it.
 
 An adapted Q-network (``metadqn-<family>-qnet``) takes the ``obs_*`` columns only and returns the same
 ``action`` and ``q_*`` columns.
@@ -14,7 +17,9 @@ An adapted Q-network (``metadqn-<family>-qnet``) takes the ``obs_*`` columns onl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,24 @@ import numpy as np
 import pandas as pd
 
 ROLE = "role"
+META_CODE = Path(__file__).with_name("pyfunc_meta.py")
+QNET_CODE = Path(__file__).with_name("pyfunc_qnet.py")
+
+
+class InputError(ValueError):
+    """A pyfunc input that lacks rows or columns the model needs; the message is one line naming them."""
+
+
+@contextlib.contextmanager
+def as_mlflow_error() -> Iterator[None]:
+    """Turns an :class:`InputError` into MLflow's INVALID_PARAMETER_VALUE (a 400 with the one line, no
+    stack trace, from ``mlflow models serve``) instead of an unexpected error with a full trace."""
+    try:
+        yield
+    except InputError as exc:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
 def _requirements() -> list[str]:
@@ -57,22 +80,15 @@ def example_input(family_name: str, context_size: int, n_obs: int = 4, seed: int
     return frame.astype({c: "float64" for c in frame.columns if c != ROLE})
 
 
-def _pyfunc_class():
-    """The PythonModel subclass, built on demand so that importing this module does not import MLflow."""
-    # imported by name: mypy sees mlflow.pyfunc as a LazyLoader attribute, not a module a base class can name
-    from mlflow.pyfunc import PythonModel
 
-    class _MetaModel(PythonModel):
-        def load_context(self, context: Any) -> None:
-            from metadqn.meta.model import MetaModel
+def _need_columns(frame: pd.DataFrame, cols: list[str], who: str) -> None:
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise InputError(f"{who}: missing column(s) {', '.join(missing)} (needed: {_span(cols)})")
 
-            self.model = MetaModel.load(context.artifacts["meta_model"])
 
-        def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-            return predict_actions(self.model, model_input)
-
-    return _MetaModel
-
+def _span(cols: list[str]) -> str:
+    return ", ".join(cols)
 
 def predict_actions(model, frame: pd.DataFrame) -> pd.DataFrame:
     """The pyfunc's predict, usable without MLflow: actions and Q-values for the ``obs`` rows."""
@@ -82,25 +98,37 @@ def predict_actions(model, frame: pd.DataFrame) -> pd.DataFrame:
     from metadqn.meta.context import transition_features
 
     family = model.family
+    d = family.obs_dim
+    obs_cols = [f"obs_{i}" for i in range(d)]
     if ROLE not in frame.columns:
-        raise ValueError(f"input needs a {ROLE!r} column with 'context' and 'obs' rows")
+        raise InputError(f"input needs a {ROLE!r} column with 'context' and 'obs' rows")
     ctx_rows = frame[frame[ROLE] == "context"]
     obs_rows = frame[frame[ROLE] == "obs"]
+    _need_columns(frame, obs_cols, "'obs' rows")
     if obs_rows.empty:
-        raise ValueError("input has no 'obs' rows to act on")
+        raise InputError("input has no rows with role 'obs' to act on")
     context = physics = None
     if model.config.uses_context:
-        if len(ctx_rows) < model.config.context_size:
-            raise ValueError(f"{model.config.learner} needs {model.config.context_size} context rows "
-                             f"(got {len(ctx_rows)})")
-        rows = ctx_rows.head(model.config.context_size).astype({"action": "int64"})
+        ctx_cols = [*obs_cols, "action", "reward", *(f"next_obs_{i}" for i in range(d)), "terminated"]
+        _need_columns(frame, ctx_cols, "'context' rows")
+        need = model.config.context_size
+        if len(ctx_rows) < need:
+            raise InputError(f"{model.config.learner} needs {need} rows with role 'context' (the task's "
+                             f"transitions: {_span(ctx_cols)}), got {len(ctx_rows)}")
+        rows = ctx_rows.head(need)
+        missing = [c for c in ctx_cols if rows[c].isna().any()]
+        if missing:
+            raise InputError(f"'context' rows have missing values in {', '.join(missing)}")
+        rows = rows.astype({"action": "int64"})
         context = torch.as_tensor(transition_features(rows, family)).unsqueeze(0)
     if model.config.uses_physics:
         from metadqn.meta.context import oracle_features
 
         phys = frame[frame[ROLE] == "physics"]
         if phys.empty:
-            raise ValueError("hypernet-oracle needs a 'physics' row with the task's parameters")
+            raise InputError(f"{model.config.learner} needs a row with role 'physics' holding the task's "
+                             f"parameters ({', '.join(family.param_names)})")
+        _need_columns(frame, list(family.param_names), "the 'physics' row")
         physics = torch.as_tensor(oracle_features(phys.head(1), family))
     sd = model.initial_params(context=context, physics=physics, n_tasks=1)[0]
     net = QNetwork(family.obs_dim, family.n_actions, model.config.q_hidden)
@@ -115,7 +143,7 @@ def predict_actions(model, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def log_meta_model(folder: Path, family: str) -> Any:
-    """Logs ``models/meta/<learner>/`` as an MLflow pyfunc (with signature and input example)."""
+    """Logs ``models/meta/<learner>/`` as an MLflow pyfunc from code (with signature and input example)."""
     import warnings
 
     import mlflow
@@ -134,31 +162,10 @@ def log_meta_model(folder: Path, family: str) -> Any:
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, predict_actions(model, example))
         return mlflow.pyfunc.log_model(
-            name=model.config.learner, python_model=_pyfunc_class()(), artifacts={"meta_model": str(folder)},
+            name=model.config.learner, python_model=str(META_CODE), artifacts={"meta_model": str(folder)},
             signature=signature, input_example=example, pip_requirements=_requirements(),
             code_paths=[str(Path(metadqn.__file__).parent)],
         )
-
-
-def _qnet_class():
-    from mlflow.pyfunc import PythonModel
-
-    class _QNet(PythonModel):
-        def load_context(self, context: Any) -> None:
-            import json
-
-            from metadqn.data.io import load_state_dict
-            from metadqn.dqn.qnetwork import QNetwork
-
-            spec = json.loads(Path(context.artifacts["spec"]).read_text())
-            self.net = QNetwork(spec["obs_dim"], spec["n_actions"], spec["hidden"])
-            self.net.load_state_dict(load_state_dict(context.artifacts["weights"]))
-            self.net.eval()
-
-        def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-            return q_actions(self.net, model_input)
-
-    return _QNet
 
 
 def q_actions(net, frame: pd.DataFrame) -> pd.DataFrame:
@@ -166,9 +173,9 @@ def q_actions(net, frame: pd.DataFrame) -> pd.DataFrame:
     import torch
 
     cols = [f"obs_{i}" for i in range(net.obs_dim)]
-    missing = [c for c in cols if c not in frame.columns]
-    if missing:
-        raise ValueError(f"input needs columns {', '.join(cols)} (missing {', '.join(missing)})")
+    _need_columns(frame, cols, "the input")
+    if frame.empty:
+        raise InputError(f"input has no rows (one row per observation: {_span(cols)})")
     with torch.no_grad():
         q = net(torch.as_tensor(frame[cols].to_numpy(np.float32))).numpy()
     out = pd.DataFrame({"action": q.argmax(1).astype(np.int64)})
@@ -202,7 +209,7 @@ def log_qnetwork(weights: Path, family_name: str, hidden: list[int], name: str) 
         spec.write_text(json.dumps({"obs_dim": family.obs_dim, "n_actions": family.n_actions,
                                     "hidden": list(hidden), "family": family_name}))
         return mlflow.pyfunc.log_model(
-            name=name, python_model=_qnet_class()(), artifacts={"weights": str(weights), "spec": str(spec)},
+            name=name, python_model=str(QNET_CODE), artifacts={"weights": str(weights), "spec": str(spec)},
             signature=infer_signature(example, q_actions(net, example)), input_example=example,
             pip_requirements=_requirements(), code_paths=[str(Path(metadqn.__file__).parent)],
         )
