@@ -31,6 +31,18 @@ def _setup_logging() -> None:
                         stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from metadqn.errors import quiet_user_errors
+
+    quiet_user_errors()
+
+
+def _setup_stage() -> None:
+    """A stage command's start: logging, and a guard that kills what the stage starts (worker processes,
+    temporary Prefect servers) if the stage itself is killed, so a kill -9 leaves no orphans."""
+    _setup_logging()
+    from metadqn.procs import guard_descendants
+
+    guard_descendants()
 
 
 def _fail(message: str) -> typer.Exit:
@@ -67,9 +79,12 @@ def _load(base: Path, overlay: Path | None):
     from metadqn.config import ParamsError, load_params
 
     try:
-        return load_params(base, overlay)
+        cfg = load_params(base, overlay)
     except ParamsError as exc:
         raise _fail(str(exc)) from None
+    for line in cfg.warnings():
+        typer.echo(f"warning: {line}", err=True)
+    return cfg
 
 
 @app.command()
@@ -84,7 +99,7 @@ def collect(
     curves: Annotated[Path, typer.Option(help="Output: expert learning curves (CSV).")] = paths.COLLECT_CURVES,
 ) -> None:
     """Train an expert for every pool and held-out task that lacks one; write trajectories, experts, metrics."""
-    _setup_logging()
+    _setup_stage()
     cfg = _load(base_params, params)
     _check_tracking(cfg)
     from flows.collect import collect_flow
@@ -98,7 +113,12 @@ def collect(
         raise _fail(str(exc)) from None
     out = CollectOutputs(pool=pool, tasks=tasks, trajectories=trajectories, experts=experts, metrics=metrics,
                          curves=curves)
-    result = collect_flow(cfg, out)
+    from metadqn.data.io import CorruptDataError
+
+    try:
+        result = collect_flow(cfg, out)
+    except CorruptDataError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(f"collect: trained {result['trained_tasks']} task(s); {100 * result['fraction_solved']:.0f}% of "
                f"tasks solved; metrics in {metrics}")
 
@@ -174,12 +194,14 @@ def meta_train(
     curves: Annotated[Path, typer.Option(help="Output: training curves.")] = paths.META_TRAIN_CURVES,
 ) -> None:
     """Train every meta-learner in params (hypernet, siamese, reptile, multitask) on the training tasks."""
-    _setup_logging()
+    _setup_stage()
     cfg = _load(base_params, params)
     _check_tracking(cfg)
     from flows.meta_train import meta_train_flow
 
+    from metadqn.data.io import CorruptDataError
     from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.data.trajectories import SchemaError
     from metadqn.stages.meta_train import MetaTrainOutputs
 
     store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
@@ -187,7 +209,7 @@ def meta_train(
     out = MetaTrainOutputs(models=models, metrics=metrics, cross_eval=cross_eval, curves=curves)
     try:
         result = meta_train_flow(cfg, store, out)
-    except MissingInputError as exc:
+    except (MissingInputError, SchemaError, CorruptDataError) as exc:
         raise _fail(str(exc)) from None
     summary = ", ".join(f"{k} {v['val_zero_shot_normalized']:.2f}" for k, v in result.items() if isinstance(v, dict))
     typer.echo(f"meta-train: validation zero-shot (normalised): {summary}; metrics in {metrics}")
@@ -205,19 +227,21 @@ def finetune_search(
     scores: Annotated[Path, typer.Option(help="Output: per-run scores.")] = paths.FINETUNE_SEARCH_SCORES,
 ) -> None:
     """Choose each meta-learned method's fine-tuning configuration on the validation tasks (never test tasks)."""
-    _setup_logging()
+    _setup_stage()
     cfg = _load(base_params, params)
     _check_tracking(cfg)
     from flows.finetune_search import finetune_search_flow
 
+    from metadqn.data.io import CorruptDataError
     from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.data.trajectories import SchemaError
     from metadqn.stages.finetune_search import SearchOutputs
 
     store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
     _preflight(store, (), cfg)
     try:
         chosen = finetune_search_flow(cfg, store, models, SearchOutputs(selected, summary, scores))
-    except MissingInputError as exc:
+    except (MissingInputError, SchemaError, CorruptDataError) as exc:
         raise _fail(str(exc)) from None
     picks = ", ".join(f"{m}={v['candidate']}" for m, v in chosen.items()) or "nothing to search"
     typer.echo(f"finetune search: {picks}; selection in {selected}")
@@ -240,12 +264,14 @@ def meta_test(
     )] = None,
 ) -> None:
     """Fine-tune every method on every held-out task and seed; write curves, metrics and adapted networks."""
-    _setup_logging()
+    _setup_stage()
     cfg = _load(base_params, params)
     _check_tracking(cfg)
     from flows.meta_test import meta_test_flow
 
+    from metadqn.data.io import CorruptDataError
     from metadqn.data.store import MissingInputError, TaskStore
+    from metadqn.data.trajectories import SchemaError
     from metadqn.evaluation.search import SelectionError
     from metadqn.stages.meta_test import MetaTestOutputs
 
@@ -257,7 +283,7 @@ def meta_test(
                           adapted=adapted)
     try:
         meta_test_flow(cfg, store, models, out, selected)
-    except (MissingInputError, SelectionError) as exc:
+    except (MissingInputError, SelectionError, SchemaError, CorruptDataError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"meta-test: metrics in {metrics}, curves in {curves_csv}")
 
@@ -281,7 +307,7 @@ def report(
         paths.FINETUNE_SELECTED),
 ) -> None:
     """Write the evaluation report (report.md, report.html rendered from it, summary.md, figures/)."""
-    _setup_logging()
+    _setup_stage()
     cfg = _load(base_params, params)
     _check_tracking(cfg)
     from flows.report import report_flow

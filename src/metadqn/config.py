@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from metadqn.errors import UserError
 from metadqn.learners import METHODS, SELECTABLE
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -28,7 +29,7 @@ OPERATIONAL = ("runner", "schedule")
 """Sections that say where and when the pipeline runs, never what it computes."""
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A user mistake in a params file; its message is one line, ready to print."""
 
 

@@ -44,4 +44,27 @@ def init_worker(threads: int) -> None:
     """
     import torch
 
+    from metadqn.errors import quiet_user_errors
+
     torch.set_num_threads(threads)
+    quiet_user_errors()  # a bad input ends the stage in its one line, not in a worker's traceback too
+    _exit_with_parent()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A worker ends itself when the stage process that started it dies (a kill -9 of the stage would
+    otherwise leave the pool's workers running, holding the stage's output pipes open). A watcher thread
+    rather than a parent-death signal: that signal fires when the *thread* that forked the worker ends, and
+    the pool starts workers from whichever thread submits first."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="metadqn-exit-with-parent", daemon=True).start()

@@ -239,9 +239,9 @@ def _guard_main(grace: float) -> int:
                 return 0
             if command == "kill":
                 parent = -1  # leave the loop and kill
-            elif command in ("group", "ungroup", "pid") and arg.isdigit():
-                target = groups if command != "pid" else pids
-                (target.discard if command == "ungroup" else target.add)(int(arg))
+            elif command in ("group", "ungroup", "pid", "unpid") and arg.isdigit():
+                target = groups if command in ("group", "ungroup") else pids
+                (target.discard if command.startswith("un") else target.add)(int(arg))
     terminate(groups=groups, grace=grace)
     terminate(pids=pids, grace=grace)
     return 0
@@ -425,6 +425,60 @@ class Interrupts:
             with contextlib.suppress(OSError):
                 os.write(2, (self._message(name).rstrip("\n") + "\n").encode())
             os._exit(SIGNAL_EXIT.get(signal.Signals(signum), 128 + signum))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` in the process tree (from /proc; empty without it)."""
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
+        if len(fields) >= 2 and _living(fields[0]):
+            children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children.get(child, []))
+    return out
+
+
+def guard_descendants(poll_s: float = 0.5) -> Guard | None:
+    """Makes everything this process starts die with it, even by SIGKILL: a :class:`Guard` is told every
+    descendant (polled from /proc every ``poll_s`` seconds) and kills the last ones it knows of when this
+    process dies. A stage command calls it first: killed with kill -9 (or its ``dvc repro``), a stage would
+    otherwise leave its worker processes and the temporary Prefect servers it and they started running, and
+    holding its output pipes open. On a normal exit the guard is released and kills nothing. None without /proc.
+    """
+    import atexit
+
+    if not os.path.isdir("/proc"):
+        return None
+    guard = Guard()
+    me = os.getpid()
+
+    def watch() -> None:
+        known: set[int] = set()
+        while True:
+            now = set(descendants(me)) - {guard.pid}
+            for pid in now - known:
+                guard.watch_pid(pid)
+            for pid in known - now:  # gone: its number may be reused by someone else's process
+                guard._send(f"unpid {pid}")
+            known = now
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="metadqn-guard-descendants", daemon=True).start()
+    atexit.register(guard.release)
+    return guard
 
 
 if __name__ == "__main__":

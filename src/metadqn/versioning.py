@@ -13,8 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from metadqn.errors import UserError
 
-class VersioningError(RuntimeError):
+
+class VersioningError(UserError, RuntimeError):
     """git or DVC refused; the message is one line, ready to print."""
 
 

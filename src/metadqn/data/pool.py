@@ -24,12 +24,13 @@ import pandas as pd
 from metadqn.data.io import atomic_path
 from metadqn.envs.families import Family
 from metadqn.envs.sampling import check_disjoint, sample_param, sample_tasks
+from metadqn.errors import UserError
 
 INITIAL = "initial"
 """Batch name of the tasks the pool starts with."""
 
 
-class PoolError(ValueError):
+class PoolError(UserError, ValueError):
     """A missing, foreign or inconsistent pool file; the message is one line, ready to print."""
 
 

@@ -9,6 +9,7 @@ for model selection); meta-test opens every split.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ import pandas as pd
 
 from metadqn import paths
 from metadqn.data import trajectories as traj
-from metadqn.data.io import load_state_dict
+from metadqn.data.io import CorruptDataError, load_state_dict
 from metadqn.dqn.qnetwork import StateDict
+from metadqn.errors import UserError
 
 TRAINING_SPLITS = frozenset({"train", "val"})
 
@@ -27,7 +29,7 @@ class LeakageError(RuntimeError):
     """Code tried to read data of a split it must not see."""
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(UserError, FileNotFoundError):
     """An input of a stage is missing (one-line message naming the command that makes it)."""
 
 
@@ -81,5 +83,15 @@ class TaskStore:
         ids = self._check_ids(task_ids)
         if not self.collect_metrics.exists():
             raise MissingInputError(f"{self.collect_metrics}: not found; run `dvc repro collect` first")
-        per_task = json.loads(self.collect_metrics.read_text())["tasks"]
-        return {tid: float(per_task[tid]["return"]) for tid in ids}
+        try:
+            per_task = json.loads(self.collect_metrics.read_text())["tasks"]
+            returns = {tid: float(per_task[tid]["return"]) for tid in ids}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptDataError(f"{self.collect_metrics}: no usable expert return ({type(exc).__name__}: {exc}); "
+                                   "rerun `dvc repro collect`") from None
+        for tid, ret in returns.items():
+            # returns are normalised by the expert's: a zero or non-finite one would make every score inf or NaN
+            if not math.isfinite(ret) or abs(ret) < 1e-9:
+                raise CorruptDataError(f"{self.collect_metrics}: task {tid}'s expert return is {ret}, which cannot "
+                                       "normalise returns; rerun `dvc repro collect` (or drop the task)")
+        return returns

@@ -30,12 +30,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metadqn.data.io import atomic_path
+from metadqn.data.io import CorruptDataError, atomic_path, require_finite
+from metadqn.errors import UserError
 
 SOURCES = ("exploration", "expert", "replay")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A trajectory file does not match the documented schema (one-line message)."""
 
 
@@ -71,8 +72,13 @@ def cast_frame(frame: pd.DataFrame, obs_dim: int) -> pd.DataFrame:
     return pa.Table.from_pandas(frame, schema=sch, preserve_index=False).to_pandas()
 
 
+def _value_columns(obs_dim: int) -> list[str]:
+    return [*(f"obs_{i}" for i in range(obs_dim)), "reward", *(f"next_obs_{i}" for i in range(obs_dim))]
+
+
 def write_task(path: Path, frame: pd.DataFrame, obs_dim: int) -> None:
-    """Writes one task's transitions atomically."""
+    """Writes one task's transitions atomically (refused if an observation or reward is not finite)."""
+    require_finite(frame, path, _value_columns(obs_dim))
     table = pa.Table.from_pandas(frame, schema=schema(obs_dim), preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -96,12 +102,16 @@ def check_table(table: pa.Table, obs_dim: int, where: str) -> None:
 
 
 def read_task(path: Path, obs_dim: int) -> pd.DataFrame:
-    """Reads and checks one task's file."""
+    """Reads and checks one task's file: the schema, then the values (finite observations and rewards)."""
     if not path.exists():
         raise SchemaError(f"{path}: not found (run `metadqn collect` or `dvc pull`)")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptDataError(f"{path}: not a readable Parquet file ({type(exc).__name__}); delete it and rerun "
+                               "`dvc repro collect` (or `dvc checkout`)") from None
     check_table(table, obs_dim, str(path))
-    return table.to_pandas()
+    return require_finite(table.to_pandas(), path, _value_columns(obs_dim))
 
 
 def read_tasks(root: Path, task_ids: Iterable[str], obs_dim: int, sources: Iterable[str] = SOURCES) -> pd.DataFrame:

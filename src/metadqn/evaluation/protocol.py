@@ -267,6 +267,7 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
              "method; configurations: %s", len(tests), len(groups), mt.seeds, sum(len(g.task_ids) for g in groups),
              mt.budget_steps - c, c, ", ".join(f"{g.method}={g.candidate}" for g in groups))
 
+    expert = store.expert_returns(list(tests["task_id"]))  # before any training: a bad normaliser fails fast
     results = map_groups(functools.partial(finetune_group, family), groups)
     if [r.method for r in results] != [g.method for g in groups]:
         raise RuntimeError("map_groups must return one result per group, in order")
@@ -289,7 +290,6 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
             starts = [sd for sd in group.init if sd is not None]  # meta-learned starts are never None
             add(group.method + FROZEN_SUFFIX, group, frozen_curves(res.curves, res.start_return), starts)
     frame = pd.DataFrame(runs)
-    expert = store.expert_returns(list(tests["task_id"]))
     curve = pd.concat(curves, ignore_index=True).merge(frame, on="slot")
     curve["step"] = curve["step"] + c
     curve = curve.rename(columns={"eval_return": "return"})

@@ -35,6 +35,7 @@ from metadqn.config import FinetuneConfig, Params
 from metadqn.data.store import TRAINING_SPLITS, TaskStore
 from metadqn.dqn.levers import shared_part
 from metadqn.envs.sampling import task_matrix
+from metadqn.errors import UserError
 from metadqn.evaluation.metrics import task_bootstrap_iqm_ci
 from metadqn.evaluation.protocol import (
     Choice,
@@ -117,8 +118,8 @@ def run_search(params: Params, store: TaskStore, models: Path,
              "reference), in %d batched runs", len(mt.search.candidates), len(learned),
              len(set(groups[0].task_ids)), mt.search.seeds, len(groups))
 
+    expert = store.expert_returns(sorted(set(groups[0].task_ids)))  # before any training: fail fast
     results = map_groups(functools.partial(finetune_group, family), groups)
-    expert = store.expert_returns(sorted(set(groups[0].task_ids)))
     frames = []
     for group, res in zip(groups, results, strict=True):
         slots = pd.DataFrame({"slot": range(len(group.task_ids)), "task_id": group.task_ids,
@@ -175,7 +176,7 @@ def select(summary: pd.DataFrame, params: Params) -> dict[str, dict[str, Any]]:
             for row in summary[summary["selected"]].itertuples()}
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """The selection file is missing or unreadable (one-line message)."""
 
 

@@ -17,6 +17,9 @@ worker) trains it, and whether it is trained today or recomputed from scratch in
 Collect is incremental: every task's outputs are keyed by its task_id (``<task_id>.pt``, ``.parquet`` and
 a ``<task_id>.json`` card beside the expert), and the card records the *fingerprint* of the group that
 made it: the group's tasks, the family, collect and dqn params, and the source of the code collect runs.
+The card also records the md5 of the task's expert and trajectory files, and a group is reused only if
+every card matches and every file still has its recorded hash: a truncated, edited or half-restored file
+is never reused (and so never recorded by DVC as good); its group is trained again, which heals it.
 A group whose every card matches is reused as it is; any other group is trained. So a grown pool costs
 only its new batch, while a change of params or code retrains everything, as DVC would. The metrics and
 curves are rebuilt from the cards of the current tasks, so they are the same as a from-scratch run's.
@@ -44,7 +47,15 @@ from metadqn.config import CollectConfig, DQNConfig, Params
 from metadqn.dag import code_digest
 from metadqn.data import pool as task_pool
 from metadqn.data import trajectories as traj
-from metadqn.data.io import atomic_path, dvc_md5, save_state_dict, write_json
+from metadqn.data.io import (
+    atomic_path,
+    dvc_md5,
+    file_md5,
+    remove_stale_temps,
+    require_finite,
+    save_state_dict,
+    write_json,
+)
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict
 from metadqn.dqn.rollout import GreedyEvaluator, collect_transitions
 from metadqn.dqn.trainer import train_dqn
@@ -194,15 +205,26 @@ def _card_path(out: CollectOutputs, tid: str) -> Path:
     return out.experts / f"{tid}.json"
 
 
+def _task_files(out: CollectOutputs, tid: str) -> dict[str, Path]:
+    return {"expert": out.experts / f"{tid}.pt", "trajectories": out.trajectories / f"{tid}.parquet"}
+
+
 def _read_card(out: CollectOutputs, tid: str) -> dict[str, Any] | None:
+    """The task's card if it and the files it vouches for are intact (each file's md5 as recorded)."""
     path = _card_path(out, tid)
-    if not path.exists() or not (out.experts / f"{tid}.pt").exists() \
-            or not (out.trajectories / f"{tid}.parquet").exists():
+    files = _task_files(out, tid)
+    if not path.exists() or not all(f.exists() for f in files.values()):
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        card = json.loads(path.read_text())
+        recorded = card["md5"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(recorded, dict) or any(recorded.get(k) != file_md5(f) for k, f in files.items()):
+        log.warning("collect: %s's files do not match its card (changed, truncated or corrupted); its group is "
+                    "trained again", tid)
+        return None
+    return card
 
 
 def _is_current(out: CollectOutputs, group: pd.DataFrame, fingerprint: str) -> bool:
@@ -221,11 +243,13 @@ def write_group(family: Family, result: GroupResult, out: CollectOutputs, finger
     """Writes one group's experts, trajectories and cards, the card last (so a crash leaves no card that
     vouches for a half-written task)."""
     for slot, tid in enumerate(result.task_ids):
-        save_state_dict(out.experts / f"{tid}.pt", result.best_params[slot])
-        traj.write_task(out.trajectories / f"{tid}.parquet", result.frames[tid], family.obs_dim)
-        curve = result.curves[result.curves["task_id"] == tid]
+        files = _task_files(out, tid)
+        save_state_dict(files["expert"], result.best_params[slot])
+        traj.write_task(files["trajectories"], result.frames[tid], family.obs_dim)
+        curve = require_finite(result.curves[result.curves["task_id"] == tid], f"expert curve of {tid}")
         card = {
             "fingerprint": fingerprint, "group": result.task_ids,
+            "md5": {k: file_md5(f) for k, f in files.items()},
             "return": float(result.eval_return[slot]), "selection_return": float(result.selection_return[slot]),
             "steps": int(result.trained_steps[slot]), "best_step": int(result.best_step[slot]),
             "round": int(result.rounds[slot]),
@@ -320,6 +344,9 @@ def run_collect(params: Params, out: CollectOutputs = CollectOutputs(),
         tasks[columns].to_parquet(tmp, index=False)
     out.trajectories.mkdir(parents=True, exist_ok=True)
     out.experts.mkdir(parents=True, exist_ok=True)
+    for folder in (out.trajectories, out.experts):  # a kill -9 mid-write leaves a temp file; never hash one
+        for stale in remove_stale_temps(folder):
+            log.info("collect: removed %s, left by an interrupted write", stale)
     ids = set(tasks["task_id"])
     _clear_stale(out.trajectories, ids, (".parquet",))
     _clear_stale(out.experts, ids, (".pt", ".json"))

@@ -16,7 +16,7 @@ from typing import Any
 
 from metadqn import paths
 from metadqn.config import Params
-from metadqn.data.io import atomic_path, write_text
+from metadqn.data.io import atomic_path, require_finite, write_text
 from metadqn.data.store import TaskStore
 from metadqn.evaluation.search import run_search, selection_to_json
 from metadqn.fanout import GroupMapper, run_in_process
@@ -40,9 +40,9 @@ def run_finetune_search(params: Params, store: TaskStore, models: Path = paths.M
     start = time.perf_counter()
     result = run_search(params, store, models, map_groups)
     with atomic_path(out.summary) as tmp:
-        result.summary.to_csv(tmp, index=False)
+        require_finite(result.summary, out.summary).to_csv(tmp, index=False)
     with atomic_path(out.scores) as tmp:
-        result.scores.to_csv(tmp, index=False)
+        require_finite(result.scores, out.scores).to_csv(tmp, index=False)
     write_text(out.selected, selection_to_json(result.selected))
     wall_s = time.perf_counter() - start
     for row in result.summary.itertuples():

@@ -18,7 +18,7 @@ import pandas as pd
 
 from metadqn import paths
 from metadqn.config import Params
-from metadqn.data.io import atomic_path, save_state_dict, write_json
+from metadqn.data.io import atomic_path, require_finite, save_state_dict, write_json
 from metadqn.data.store import TaskStore
 from metadqn.envs.sampling import SPLITS
 from metadqn.evaluation.protocol import run_protocol
@@ -51,7 +51,9 @@ def run_meta_test(params: Params, store: TaskStore, models: Path = paths.META_MO
                       allowed=frozenset(SPLITS))
     choices = load_selection(selected) if selected is not None else None
     result = run_protocol(params, store, models, map_groups, choices)
-    scores = per_run_scores(result.curves, params.meta_test.threshold, result.budget_steps)
+    require_finite(result.curves, out.curves_parquet)
+    scores = require_finite(per_run_scores(result.curves, params.meta_test.threshold, result.budget_steps),
+                            out.scores)
     metrics: dict[str, Any] = summarise(scores, params.meta_test, result.curves)
     metrics["budget_steps"] = result.budget_steps
     metrics["context_steps"] = result.context_steps

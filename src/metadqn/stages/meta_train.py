@@ -25,7 +25,7 @@ import torch
 
 from metadqn import paths
 from metadqn.config import Params
-from metadqn.data.io import atomic_path, write_json
+from metadqn.data.io import atomic_path, require_finite, write_json
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
 from metadqn.learners import get_learner
@@ -194,11 +194,11 @@ def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrai
         for i in range(returns.shape[0]) for j in range(returns.shape[1])
     ])
     with atomic_path(out.cross_eval) as tmp:
-        cross.to_csv(tmp, index=False)
+        require_finite(cross, out.cross_eval).to_csv(tmp, index=False)
     curves = pd.DataFrame([(r.name, m, s, v) for r in results for (m, s, v) in r.curves],
                           columns=["learner", "metric", "step", "value"])
     with atomic_path(out.curves) as tmp:
-        curves.to_csv(tmp, index=False)
+        require_finite(curves, out.curves).to_csv(tmp, index=False)
     # wall-clock times go to MLflow only: the metrics file must be the same in every reproduction
     metrics: dict[str, Any] = {r.name: {k: v for k, v in r.metrics.items() if k != "wall_s"} for r in results}
     write_json(out.metrics, metrics)
