@@ -3,7 +3,6 @@ from __future__ import annotations
 import fractions
 import hashlib
 import os
-import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from metadqn.data import trajectories as traj
-from metadqn.data.io import atomic_path, dvc_md5, load_state_dict, save_state_dict, write_json
+from metadqn.data.io import CorruptDataError, atomic_path, dvc_md5, load_state_dict, save_state_dict, write_json
 from metadqn.dqn import init_state_dict
 
 
@@ -97,7 +96,7 @@ def test_load_state_dict_refuses_pickled_objects_and_runs_no_code(tmp_path, payl
     path = tmp_path / "evil.pt"
     torch.save({"layers.0.weight": torch.zeros(2, 2), "extra": evil}, path)
     assert not marker.exists()
-    with pytest.raises(pickle.UnpicklingError, match=r"[Ww]eights only load failed"):
+    with pytest.raises(CorruptDataError, match=r"not a readable state_dict \(UnpicklingError: [Ww]eights only load"):
         load_state_dict(path)
     assert not marker.exists(), "load_state_dict executed the pickled payload"
     # control: the same file is live under an unrestricted unpickler, so the refusal above is what saved us

@@ -462,6 +462,12 @@ def serve(
     )
 
 
+def _internal_error(exc: BaseException) -> None:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    typer.echo(f"internal error: {type(exc).__name__}: {first} (METADQN_DEBUG=1 shows the traceback)", err=True)
+    sys.exit(1)
+
+
 def main() -> None:
     """The console entry point. A failure that no command turned into its one-line message is still one line
     (exit 1, "internal error"); ``METADQN_DEBUG=1`` shows the traceback for a bug report."""
@@ -480,15 +486,22 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        from metadqn.errors import is_disk_full
+
+        if not is_disk_full(exc):
+            _internal_error(exc)
+        # a full disk mid-write: atomic writes left no half file behind, so freeing space and rerunning is enough
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc} while writing; free disk space (or raise the quota) "
+                   "and rerun: no half-written output was kept", err=True)
+        sys.exit(2)
     except Exception as exc:  # the last line of defence against a traceback
         show = getattr(exc, "show", None)  # a usage error (typer's vendored click): its own short message
         if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
             show()
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
-        first = (str(exc).strip().splitlines() or [""])[0]
-        typer.echo(f"internal error: {type(exc).__name__}: {first} (METADQN_DEBUG=1 shows the traceback)",
-                   err=True)
-        sys.exit(1)
+        _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -8,6 +8,7 @@ one line is all the user gets. Anything else is a bug and keeps its traceback in
 
 from __future__ import annotations
 
+import errno
 import logging
 
 
@@ -15,10 +16,15 @@ class UserError(Exception):
     """A mistake in the user's inputs or environment; its message is one line naming what and how to fix it."""
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed for want of space (disk full, quota, file-size limit): the user's to fix, in one line."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 class _DropUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, UserError)
+        return not (exc is not None and (isinstance(exc, UserError) or is_disk_full(exc)))
 
 
 _FILTER = _DropUserErrors()

@@ -53,14 +53,15 @@ def _metadqn(project: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("victim", ["models/experts/train-000.pt", "data/trajectories/train-001.parquet"])
-def test_a_truncated_output_is_retrained_never_recorded(project: Path, victim: str) -> None:
-    """#11.1: `truncate -s 100` on an expert or a trajectory file, then `dvc repro`: collect must not reuse
-    the damaged file; it retrains that task's group and DVC records the clean run's hashes again."""
+def test_a_truncated_output_is_retrained_never_recorded(project: Path) -> None:
+    """#11.1: `truncate -s 100` on an expert and half a trajectory file (of a task in another group), then
+    `dvc repro`: collect must not reuse a damaged file; it retrains those tasks' groups and DVC records the
+    clean run's hashes again."""
     reference = _outs(project / "dvc.lock", "collect")
-    path = project / victim
-    with open(path, "r+b") as handle:
-        handle.truncate(100 if victim.endswith(".pt") else path.stat().st_size // 2)
+    for victim in ("models/experts/train-000.pt", "data/trajectories/extrap-000.parquet"):
+        path = project / victim
+        with open(path, "r+b") as handle:
+            handle.truncate(100 if victim.endswith(".pt") else path.stat().st_size // 2)
     proc = dvc(project, "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _outs(project / "dvc.lock", "collect") == reference
@@ -127,7 +128,7 @@ _KILL_HOOK = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize(("stage", "at"), [("collect", 2), ("collect", 9), ("meta_train", 3)])
+@pytest.mark.parametrize(("stage", "at"), [("collect", 9), ("meta_train", 3)])  # a trajectory write; a model write
 def test_kill_9_at_an_atomic_write_then_rerun_reproduces_the_reference_hashes(
         project: Path, tmp_path: Path, stage: str, at: int) -> None:
     """#11.4: a kill -9 between a temp write and its rename leaves a `.<name>.tmp`; the rerun must still give
@@ -183,3 +184,22 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
+
+def test_a_full_disk_ends_collect_in_one_line_and_keeps_no_half_file(project: Path, tmp_path: Path) -> None:
+    """Disk full on a tiny tmpfs (where this machine lets us mount one): one line, exit 2, no temp file left."""
+    mount = tmp_path / "tiny-fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount namespace)")
+    try:
+        over = tmp_path / "over.yaml"
+        over.write_text("tracking: {enabled: false}\n")
+        proc = _metadqn(project, "collect", "--params", str(over), "--trajectories", str(mount / "traj"),
+                        "--experts", str(tmp_path / "experts"), "--tasks", str(tmp_path / "tasks.parquet"),
+                        "--metrics", str(tmp_path / "m.json"), "--curves", str(tmp_path / "c.csv"))
+        _one_line_failure(proc, "No space left on device", "free disk space")
+        assert not list(mount.rglob("*.tmp")), list(mount.rglob("*"))
+        assert not (tmp_path / "m.json").exists()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
