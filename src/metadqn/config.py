@@ -676,17 +676,25 @@ def _physical_memory() -> int:
 
 
 def _check_replay_memory(p: Params) -> None:
-    """The largest replay allocation (one float32 row of obs, next obs, action, reward, done, weight per
-    transition, for every task trained at once) must fit in this machine's memory."""
+    """The replay buffers trained at once (one float32 row of obs, next obs, action, reward, done and weight per
+    transition, for every task slot of a batched trainer, times the worker processes running trainers side by
+    side) must fit in this machine's memory. The largest batched trainer is collect's group, meta_train's
+    reptile/multitask (every training task), a meta_test method (test tasks x seeds) or a finetune_search run
+    (at most every candidate x meta-learned method x seed x validation task)."""
     obs_dim = p.family.family().obs_dim
-    tasks = sum(p.collect.counts().values())
-    slots = max(min(p.collect.group_size, tasks), p.collect.n_train_tasks)
-    need = p.dqn.buffer_size * (2 * obs_dim + 4) * 4 * slots
+    c, mt = p.collect, p.meta_test
+    learned = max(len(p.meta_train.learners) + 1, 1)  # + hypernet-oracle
+    slots = max(min(c.group_size, sum(c.counts().values())), c.n_train_tasks,
+                (c.n_interp_tasks + c.n_extrap_tasks) * mt.seeds,
+                (len(mt.search.candidates) * learned + 1) * mt.search.seeds * c.n_val_tasks)
+    buffer = max([p.dqn.buffer_size, *(int(f.dqn.get("buffer_size", 0)) for f in mt.search.candidates.values())])
+    workers = p.runner.workers if p.runner.kind == "processes" else 1
+    need = buffer * (2 * obs_dim + 4) * 4 * slots * workers
     have = _physical_memory()
     if need > have:
-        raise ValueError(f"dqn.buffer_size ({p.dqn.buffer_size}) x {slots} tasks trained at once needs "
-                         f"{need / 2**30:.1f} GiB of replay, more than this machine's {have / 2**30:.1f} GiB; "
-                         "lower dqn.buffer_size or collect.group_size")
+        raise ValueError(f"dqn.buffer_size ({buffer}) x {slots} tasks per batched trainer x {workers} worker(s) "
+                         f"needs {need / 2**30:.1f} GiB of replay, more than this machine's {have / 2**30:.1f} GiB; "
+                         "lower dqn.buffer_size, collect.group_size, the test seeds or runner.workers")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from metadqn import paths
 from metadqn.config import Params, RegistryConfig
 from metadqn.data.io import dvc_md5
+from metadqn.errors import UserError
 from metadqn.learners import LEARNERS, SCRATCH
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -42,7 +43,7 @@ LOCK_WAIT_S = 120.0
 _T = TypeVar("_T")
 
 
-class PromotionBusy(ValueError):
+class PromotionBusy(UserError, ValueError):
     """Another promote held the promotion lock for too long; the message is one line."""
 
 

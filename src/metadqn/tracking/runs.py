@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
+from metadqn.errors import UserError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACT_ROOT = Path("mlruns")
 HTTP_DEFAULTS = {
@@ -36,7 +38,7 @@ CHECK_TIMEOUT_S = 5.0
 _DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
 
-class TrackingUnavailable(ValueError):
+class TrackingUnavailable(UserError, ValueError):
     """The MLflow tracking store does not answer; the message is one line, ready to print."""
 
 
