@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from metadqn import paths
+from metadqn.errors import UserError
 
 if TYPE_CHECKING:
     from metadqn.config import Params
@@ -65,13 +66,11 @@ def _check_tracking(cfg: Params) -> None:
 
 def _preflight(store: TaskStore, splits: tuple[str, ...], cfg: Params) -> None:
     """Checks a stage's inputs before Prefect starts: a missing or foreign file ends in one line."""
-    from metadqn.data.store import MissingInputError
-    from metadqn.data.trajectories import SchemaError
     from metadqn.preflight import check_store
 
     try:
         check_store(store, splits, cfg.family.family().obs_dim)
-    except (MissingInputError, SchemaError) as exc:
+    except UserError as exc:  # MissingInputError, SchemaError
         raise _fail(str(exc)) from None
 
 
@@ -113,11 +112,9 @@ def collect(
         raise _fail(str(exc)) from None
     out = CollectOutputs(pool=pool, tasks=tasks, trajectories=trajectories, experts=experts, metrics=metrics,
                          curves=curves)
-    from metadqn.data.io import CorruptDataError
-
     try:
         result = collect_flow(cfg, out)
-    except CorruptDataError as exc:
+    except UserError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"collect: trained {result['trained_tasks']} task(s); {100 * result['fraction_solved']:.0f}% of "
                f"tasks solved; metrics in {metrics}")
@@ -199,9 +196,7 @@ def meta_train(
     _check_tracking(cfg)
     from flows.meta_train import meta_train_flow
 
-    from metadqn.data.io import CorruptDataError
-    from metadqn.data.store import MissingInputError, TaskStore
-    from metadqn.data.trajectories import SchemaError
+    from metadqn.data.store import TaskStore
     from metadqn.stages.meta_train import MetaTrainOutputs
 
     store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
@@ -209,7 +204,7 @@ def meta_train(
     out = MetaTrainOutputs(models=models, metrics=metrics, cross_eval=cross_eval, curves=curves)
     try:
         result = meta_train_flow(cfg, store, out)
-    except (MissingInputError, SchemaError, CorruptDataError) as exc:
+    except UserError as exc:
         raise _fail(str(exc)) from None
     summary = ", ".join(f"{k} {v['val_zero_shot_normalized']:.2f}" for k, v in result.items() if isinstance(v, dict))
     typer.echo(f"meta-train: validation zero-shot (normalised): {summary}; metrics in {metrics}")
@@ -232,16 +227,14 @@ def finetune_search(
     _check_tracking(cfg)
     from flows.finetune_search import finetune_search_flow
 
-    from metadqn.data.io import CorruptDataError
-    from metadqn.data.store import MissingInputError, TaskStore
-    from metadqn.data.trajectories import SchemaError
+    from metadqn.data.store import TaskStore
     from metadqn.stages.finetune_search import SearchOutputs
 
     store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
     _preflight(store, (), cfg)
     try:
         chosen = finetune_search_flow(cfg, store, models, SearchOutputs(selected, summary, scores))
-    except (MissingInputError, SchemaError, CorruptDataError) as exc:
+    except UserError as exc:
         raise _fail(str(exc)) from None
     picks = ", ".join(f"{m}={v['candidate']}" for m, v in chosen.items()) or "nothing to search"
     typer.echo(f"finetune search: {picks}; selection in {selected}")
@@ -269,10 +262,7 @@ def meta_test(
     _check_tracking(cfg)
     from flows.meta_test import meta_test_flow
 
-    from metadqn.data.io import CorruptDataError
-    from metadqn.data.store import MissingInputError, TaskStore
-    from metadqn.data.trajectories import SchemaError
-    from metadqn.evaluation.search import SelectionError
+    from metadqn.data.store import TaskStore
     from metadqn.stages.meta_test import MetaTestOutputs
 
     store = TaskStore(tasks_path=tasks, collect_metrics=collect_metrics)
@@ -283,7 +273,7 @@ def meta_test(
                           adapted=adapted)
     try:
         meta_test_flow(cfg, store, models, out, selected)
-    except (MissingInputError, SelectionError, SchemaError, CorruptDataError) as exc:
+    except UserError as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"meta-test: metrics in {metrics}, curves in {curves_csv}")
 

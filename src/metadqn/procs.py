@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, NamedTuple
 
 GRACE_S = 5.0
 """How long a process group gets between SIGTERM and SIGKILL (a stage reports its crash to Prefect first)."""
@@ -66,13 +66,20 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
         return False
 
 
-def _proc_table() -> dict[int, tuple[int, str]] | None:
-    """pid -> (process group, state letter) of every process, from /proc; None without /proc."""
+class _Proc(NamedTuple):
+    group: int
+    state: str
+    """The state letter (R, S, Z...)."""
+    parent: int
+
+
+def _proc_table() -> dict[int, _Proc] | None:
+    """pid -> (process group, state letter, parent pid) of every process, from /proc; None without /proc."""
     try:
         names = os.listdir("/proc")
     except OSError:
         return None
-    table: dict[int, tuple[int, str]] = {}
+    table: dict[int, _Proc] = {}
     for name in names:
         if not name.isdigit():
             continue
@@ -84,7 +91,7 @@ def _proc_table() -> dict[int, tuple[int, str]] | None:
         # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split at the last ')'
         fields = stat[stat.rfind(")") + 2:].split()
         if len(fields) >= 3:
-            table[int(name)] = (int(fields[2]), fields[0])
+            table[int(name)] = _Proc(group=int(fields[2]), state=fields[0], parent=int(fields[1]))
     return table
 
 
@@ -94,32 +101,31 @@ def _living(state: str) -> bool:
     return state not in ("Z", "X", "x")
 
 
+def _probe(kill: Callable[[int, int], None], target: int) -> bool:
+    """Signal 0 (without /proc): whether ``target`` exists; a zombie counts, for want of a better source."""
+    try:
+        kill(target, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` is still running (zombies do not count)."""
     table = _proc_table()
     if table is None:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return any(group == pgid and _living(state) for group, state in table.values())
+        return _probe(os.killpg, pgid)
+    return any(p.group == pgid and _living(p.state) for p in table.values())
 
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` is still running (a zombie does not count)."""
     table = _proc_table()
     if table is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return pid in table and _living(table[pid][1])
+        return _probe(os.kill, pid)
+    return pid in table and _living(table[pid].state)
 
 
 def _signal(kill: Callable[[int, int], None], target: int, sig: int) -> None:
@@ -429,20 +435,10 @@ class Interrupts:
 
 def descendants(pid: int) -> list[int]:
     """Every living process below ``pid`` in the process tree (from /proc; empty without it)."""
-    try:
-        names = [n for n in os.listdir("/proc") if n.isdigit()]
-    except OSError:
-        return []
     children: dict[int, list[int]] = {}
-    for name in names:
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                stat = handle.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
-        if len(fields) >= 2 and _living(fields[0]):
-            children.setdefault(int(fields[1]), []).append(int(name))
+    for child, proc in (_proc_table() or {}).items():
+        if _living(proc.state):
+            children.setdefault(proc.parent, []).append(child)
     out, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
