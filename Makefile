@@ -15,13 +15,14 @@ export PREFECT_HOME
 # DVC runs stage commands with whatever python/metadqn is first on PATH: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install pipeline test typecheck lint bench clean-venv
+.PHONY: install pipeline test typecheck lint bench lock clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch pinned here: a CPU wheel on local disk (a looser spec pulls a multi-GB CUDA build)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	# torch pinned here: a CPU wheel on local disk (a looser spec pulls a multi-GB CUDA build); every other
+	# package pinned by constraints.txt, so two clones of one commit get the same packages
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,6 +44,17 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/dqn_throughput.py
+
+# Regenerate constraints.txt from pyproject.toml's ranges in a throwaway venv (a deliberate update: review the
+# diff and rerun the pipeline, whose bytes may change with a dependency).
+LOCK_VENV ?= /tmp/metadqn-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/pip install -q -e '.[dev,bench]'
+	{ sed -n '1,/^# torch is pinned/p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean-venv:
 	rm -rf $(VENV)

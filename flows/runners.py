@@ -31,9 +31,10 @@ by whoever runs it). What the cluster needs:
   prefect-dask sends the stage's Prefect settings with every task, so workers report their task runs
   to that server. Without it each worker starts its own temporary Prefect server on its first task
   (5-20 s, runs recorded on the worker only): it works, slowly, and ``task_runner`` warns.
-- The offline switches in the workers' environment too (``worker_env()``: DO_NOT_TRACK=true,
-  PREFECT_SERVER_ANALYTICS_ENABLED=false, MLFLOW_DISABLE_TELEMETRY=true, DVC_NO_ANALYTICS=1), e.g.
-  ``env DO_NOT_TRACK=true ... dask worker ...`` or ``LocalCluster(env=worker_env())``.
+- The offline switches and the CPU pin in the workers' environment too (``worker_env()``: DO_NOT_TRACK=true,
+  PREFECT_SERVER_ANALYTICS_ENABLED=false, MLFLOW_DISABLE_TELEMETRY=true, DVC_NO_ANALYTICS=1, and
+  ``metadqn.determinism.PINNED_ENV``), e.g. ``LocalCluster(env=worker_env())``. A worker that loaded
+  torch without the pin fails its first group with one line (its results would differ in the last bits).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from metadqn.config import Params
+from metadqn.determinism import check_pinned
 from metadqn.fanout import group_label, init_worker
 
 log = logging.getLogger("metadqn.runner")
@@ -60,8 +62,11 @@ OFFLINE_ENV = {
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables for Dask worker processes: the offline switches."""
-    return dict(OFFLINE_ENV)
+    """Environment variables for Dask worker processes: the offline switches and the CPU pin (which must be
+    in place before a worker loads torch or numpy; :func:`run_group` refuses a worker without it)."""
+    from metadqn.determinism import PINNED_ENV, native
+
+    return {**OFFLINE_ENV, **({} if native() else PINNED_ENV)}
 
 
 def task_runner(params: Params) -> TaskRunner[Any]:
@@ -84,7 +89,10 @@ def task_runner(params: Params) -> TaskRunner[Any]:
 
 @task(name="run-group", cache_policy=NO_CACHE, task_run_name="{label}")
 def run_group(fn: Callable[[Any], Any], group: Any, label: str) -> Any:
-    """The one Prefect task of every fan-out: ``fn(group)``, wherever the flow's task runner puts it."""
+    """The one Prefect task of every fan-out: ``fn(group)``, wherever the flow's task runner puts it. A worker
+    whose torch or numpy is not on the pinned CPU path (a Dask worker started without ``worker_env()``)
+    would give other bytes: it refuses in one line instead."""
+    check_pinned()
     return fn(group)
 
 

@@ -1,7 +1,11 @@
+# ruff: noqa: I001  (metadqn is imported before pandas on purpose, see below)
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# first, before pandas/numpy/torch load: the package pins their CPU code paths (metadqn.determinism)
+import metadqn  # noqa: F401
 
 import pandas as pd
 import pytest

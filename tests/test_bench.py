@@ -35,3 +35,16 @@ def test_contention_benchmark_script_runs_and_writes_its_table(tmp_path):
     assert row["runner"] == "processes" and row["alone_s"] > 0 and row["busy_s"] > 0
     assert row["slowdown"] > 0 and row["alone_vs_local_alone"] is None  # no local run to compare with
     assert "busy/alone" in proc.stdout
+
+
+@pytest.mark.slow
+def test_determinism_cost_script_runs_both_settings_and_each_takes_its_kernels(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "determinism_cost.py"), "--quick", "--workloads",
+                           "acrobot-env", "hypernet", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["workload"] for r in rows] == ["acrobot-env", "hypernet"]
+    for r in rows:
+        assert r["pinned_capability"] == "AVX2" and r["pinned_s"] > 0 and r["native_s"] > 0 and r["ratio"] > 0
+    assert "pinned / native" in proc.stdout

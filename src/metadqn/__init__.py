@@ -2,7 +2,8 @@
 
 Importing the package switches off every phone-home of the stack (Prefect, MLflow, DVC analytics) unless
 the user set the variables already, and points Prefect at a project-local home so that a run never
-touches ``~/.prefect``.
+touches ``~/.prefect``. It also pins the CPU code paths of torch, MKL, oneDNN, numpy and OpenBLAS
+(:mod:`metadqn.determinism`), so that the same params and code give the same bytes on any x86-64 machine.
 """
 
 from __future__ import annotations
@@ -21,5 +22,10 @@ _OFFLINE_DEFAULTS = {
 for _key, _value in _OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+
+# before torch or numpy loads anywhere: their CPU kernels pinned for byte-identical results across machines
+from metadqn.determinism import pin_environment  # noqa: E402
+
+pin_environment()
 
 __version__ = "0.1.0"

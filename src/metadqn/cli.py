@@ -37,13 +37,25 @@ def _setup_logging() -> None:
     quiet_user_errors()
 
 
-def _setup_stage() -> None:
-    """A stage command's start: logging, and a guard that kills what the stage starts (worker processes,
-    temporary Prefect servers) if the stage itself is killed, so a kill -9 leaves no orphans."""
+def _start_stage(base_params: Path, params: Path | None) -> Params:
+    """A stage command's start: logging; a guard that kills what the stage starts (worker processes,
+    temporary Prefect servers) if the stage itself is killed, so a kill -9 leaves no orphans; the params;
+    the CPU pin checked and torch's threads set from params (same bytes on any machine)."""
     _setup_logging()
     from metadqn.procs import guard_descendants
 
     guard_descendants()
+    cfg = _load(base_params, params)
+    import torch
+
+    from metadqn.determinism import NotPinned, check_pinned
+
+    try:
+        check_pinned()
+    except NotPinned as exc:
+        raise _fail(str(exc)) from None
+    torch.set_num_threads(cfg.dqn.torch_threads)
+    return cfg
 
 
 def _fail(message: str) -> typer.Exit:
@@ -98,8 +110,7 @@ def collect(
     curves: Annotated[Path, typer.Option(help="Output: expert learning curves (CSV).")] = paths.COLLECT_CURVES,
 ) -> None:
     """Train an expert for every pool and held-out task that lacks one; write trajectories, experts, metrics."""
-    _setup_stage()
-    cfg = _load(base_params, params)
+    cfg = _start_stage(base_params, params)
     _check_tracking(cfg)
     from flows.collect import collect_flow
 
@@ -191,8 +202,7 @@ def meta_train(
     curves: Annotated[Path, typer.Option(help="Output: training curves.")] = paths.META_TRAIN_CURVES,
 ) -> None:
     """Train every meta-learner in params (hypernet, siamese, reptile, multitask) on the training tasks."""
-    _setup_stage()
-    cfg = _load(base_params, params)
+    cfg = _start_stage(base_params, params)
     _check_tracking(cfg)
     from flows.meta_train import meta_train_flow
 
@@ -222,8 +232,7 @@ def finetune_search(
     scores: Annotated[Path, typer.Option(help="Output: per-run scores.")] = paths.FINETUNE_SEARCH_SCORES,
 ) -> None:
     """Choose each meta-learned method's fine-tuning configuration on the validation tasks (never test tasks)."""
-    _setup_stage()
-    cfg = _load(base_params, params)
+    cfg = _start_stage(base_params, params)
     _check_tracking(cfg)
     from flows.finetune_search import finetune_search_flow
 
@@ -257,8 +266,7 @@ def meta_test(
     )] = None,
 ) -> None:
     """Fine-tune every method on every held-out task and seed; write curves, metrics and adapted networks."""
-    _setup_stage()
-    cfg = _load(base_params, params)
+    cfg = _start_stage(base_params, params)
     _check_tracking(cfg)
     from flows.meta_test import meta_test_flow
 
@@ -297,8 +305,7 @@ def report(
         paths.FINETUNE_SELECTED),
 ) -> None:
     """Write the evaluation report (report.md, report.html rendered from it, summary.md, figures/)."""
-    _setup_stage()
-    cfg = _load(base_params, params)
+    cfg = _start_stage(base_params, params)
     _check_tracking(cfg)
     from flows.report import report_flow
 
@@ -360,6 +367,34 @@ def check_params(params: ParamsOpt = None, base_params: BaseOpt = Path("params.y
     """Validate params.yaml (and an overlay) and print its digest."""
     cfg = _load(base_params, params)
     typer.echo(f"params OK (digest {cfg.digest()})")
+
+
+@app.command()
+def replicate(
+    n: Annotated[int, typer.Option("--n", min=2, help="Replicates in all, the workspace's own run included.")] = 3,
+    workdir: Annotated[Path, typer.Option(
+        "--workdir", help="Where replicates 1..n-1 run, one clone each (reused if finished).")] = Path(
+        "/tmp/metadqn-replicates"),
+    out: Annotated[Path, typer.Option("--out", help="The replicate table, a DVC metrics file.")] = Path(
+        "reports/replicates.json"),
+    page: Annotated[Path, typer.Option("--page", help="The replicate table as Markdown.")] = Path(
+        "reports/replicates.md"),
+) -> None:
+    """Independent replicates of the whole pipeline (other training seeds, same tasks) and their table.
+
+    Replicate 0 is this workspace's run (commit it and bring it up to date first); replicate r runs in a
+    clone of HEAD with every seed + r. See metadqn.replicates."""
+    _setup_logging()
+    cfg = _load(Path("params.yaml"), None)
+    _check_tracking(cfg)
+    from metadqn.replicates import run_replicates
+
+    try:
+        table = run_replicates(Path.cwd(), n, workdir.resolve(), out, page, cfg.meta_test.confidence,
+                               cfg.family.name, cfg.tracking.enabled, progress=typer.echo)
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{len(table)} figures across {n} replicates: {out}, {page}")
 
 
 def _pipeline_checks(cfg: Params, record: bool, at: str | None) -> None:

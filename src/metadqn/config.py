@@ -148,10 +148,11 @@ class DQNConfig(_Section):
     """Stop training a task once a greedy evaluation reaches this return (null: never)."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where to train: cpu, cuda, or auto (cuda when present)."""
-    torch_threads: int = Field(0, ge=0, le=1024)
-    """torch intra-op threads of a training run (0: leave the process's setting: ``runner.threads`` in the
-    worker processes of the default runner, torch's default (all cores) elsewhere). The thread count does
-    not change a result (tests/test_fanout.py), only the speed."""
+    torch_threads: int = Field(2, ge=1, le=1024)
+    """torch intra-op threads of a stage process (meta_train's learners, and any run of ``runner.kind:
+    local``); worker processes take ``runner.threads``. A count from params, never the machine's core count:
+    a reduction split over another number of threads adds in another order (MKL's reproducible mode holds
+    for a fixed count only), so the same value gives the same bytes on any machine (``metadqn.determinism``)."""
 
 
 class CollectConfig(_Section):

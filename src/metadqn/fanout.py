@@ -44,8 +44,10 @@ def init_worker(threads: int) -> None:
     """
     import torch
 
+    from metadqn.determinism import check_pinned
     from metadqn.errors import quiet_user_errors
 
+    check_pinned()  # inherited from the stage process, which checked it too: cheap insurance
     torch.set_num_threads(threads)
     quiet_user_errors()  # a bad input ends the stage in its one line, not in a worker's traceback too
     _exit_with_parent()

@@ -45,17 +45,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def configure_torch(threads: int = 0) -> None:
-    """Process-wide torch settings every training entry point wants; ``threads`` > 0 also sets torch's
-    intra-op threads (``dqn.torch_threads``).
+def configure_torch() -> None:
+    """Process-wide torch settings every training entry point wants. Thread counts are not among them: the
+    stage process sets ``dqn.torch_threads`` at its start and a worker ``runner.threads`` (both from params,
+    see :mod:`metadqn.determinism`).
 
     Adam's second moments of tiny gradients underflow into denormals, which x86 CPUs process ~10x slower
     (measured: fused Adam 1.1 -> 0.13 ms per step at K=56); flushing them to zero changes no result that
     matters and keeps runs deterministic.
     """
     torch.set_flush_denormal(True)
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def linear_epsilon(cfg: DQNConfig, step: int) -> float:
@@ -211,7 +210,7 @@ def train_dqn(
     Deterministic on CPU for a given ``seed``.
     """
     start = time.perf_counter()
-    configure_torch(cfg.torch_threads)
+    configure_torch()
     device = resolve_device(cfg.device)
     k, e = _slots(tasks, cfg, evaluate)
     levers = SlotLevers.build(finetune, k, device)

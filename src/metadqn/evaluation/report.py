@@ -508,6 +508,7 @@ def _figures(data: _Inputs, params: Params, fig_dir: Path) -> dict[str, Path]:
 
 
 def _run_info(data: _Inputs, params: Params, methods: list[str]) -> list[tuple[str, Any]]:
+    from metadqn.determinism import cpu_setting
     from metadqn.tracking.runs import git_commit
 
     cfg = params.meta_test
@@ -524,6 +525,7 @@ def _run_info(data: _Inputs, params: Params, methods: list[str]) -> list[tuple[s
         ("threshold", f"{pct(cfg.threshold)} of the expert return ({cfg.threshold:g} x)"),
         ("intervals", f"{pct(cfg.confidence)} stratified-bootstrap CIs ({cfg.bootstrap_resamples} resamples)"),
         ("params digest", params.digest()),
+        ("CPU kernels", f"{cpu_setting()} (metadqn.determinism: the same bytes on any x86-64 machine with AVX2)"),
         ("git commit", git_commit()), ("DVC data hash (trajectories)", _data_hash()),
     ]
 
@@ -572,7 +574,10 @@ def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: 
         chosen = selected_lines(data.selected)
         if chosen:
             md += ["Selected configurations:", "", *[f"- {line}" for line in chosen], ""]
-    md += [*verdict_lines, ""]
+    md += [*verdict_lines, "", "## Replicates", "",
+           "This report is one run; its intervals resample its tasks and seeds, not the training of its experts "
+           "and meta-models. How far the headline figures move across independent runs (other training seeds, "
+           "same tasks): `replicates.md` beside this report, from `metadqn replicate --n 3`.", ""]
     return "\n".join(md)
 
 

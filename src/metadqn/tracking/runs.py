@@ -240,6 +240,18 @@ def _ensure_experiment(name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def replicate_tags() -> dict[str, str]:
+    """Tags that make a stage run of a replicate (``metadqn replicate``) a child of the replicates' parent run."""
+    from metadqn.replicates import PARENT_RUN_ENV, REPLICATE_ENV
+
+    tags = {}
+    if os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+    if os.environ.get(REPLICATE_ENV):
+        tags["replicate"] = os.environ[REPLICATE_ENV]
+    return tags
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, family: str, params: Mapping[str, Any], digest: str, enabled: bool = True,
               tags: Mapping[str, str] | None = None) -> Iterator[Any]:
@@ -255,7 +267,7 @@ def stage_run(stage: str, family: str, params: Mapping[str, Any], digest: str, e
     # an experiment id (meta_train's per-learner runs, every log_model) would otherwise land in `Default`
     mlflow.set_experiment(experiment_id=exp_id)
     all_tags = {"stage": stage, "git_commit": git_commit(), "params_digest": digest, "family": family,
-                **(tags or {})}
+                **replicate_tags(), **(tags or {})}
     with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=all_tags) as run:
         items = [(k, str(v)[:6000]) for k, v in params.items()]
         client = mlflow.MlflowClient()
