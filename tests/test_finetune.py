@@ -104,8 +104,11 @@ def test_kl_anchor_holds_the_start_policy_and_l2_the_start_weights():
     plain = train_dqn(CARTPOLE, TASKS, CFG, seed=0, init=starts)
     kl = train_dqn(CARTPOLE, TASKS, CFG, seed=0, init=starts,
                    finetune=FinetuneConfig(anchor="kl", anchor_weight=100.0, anchor_temperature=0.1))
-    assert _greedy_agreement(kl.final_params, starts) > 0.97
-    assert _greedy_agreement(kl.final_params, starts) > _greedy_agreement(plain.final_params, starts) + 0.05
+    # the random starts have near-zero action gaps, so the last bits of the CPU kernels move the anchored
+    # agreement (1.00 with torch's AVX-512 kernels, 0.86 with the pinned AVX2 ones, same seed); plain DQN
+    # stays at chance (0.48) either way: the margin asserted is far above that noise
+    assert _greedy_agreement(kl.final_params, starts) > 0.8
+    assert _greedy_agreement(kl.final_params, starts) > _greedy_agreement(plain.final_params, starts) + 0.25
 
     def dist(final: list[dict]) -> float:
         return sum(float(((f[k] - s[k]) ** 2).sum()) for f, s in zip(final, starts, strict=True) for k in s)
