@@ -8,6 +8,8 @@ same commit and params otherwise. ``metadqn replicate --n N`` drives them:
 - replicate 0 is the workspace's own run (its outputs must be up to date: ``dvc status`` clean);
 - replicate r >= 1 runs in its own clone of HEAD (``<workdir>/r<r>``) with ``dvc repro``, each seed + r; a
   clone whose run already finished at the same commit and seeds is reused, so an interrupted call resumes;
+- the clones' stage commands run the installed ``metadqn`` (this workspace's, editable): the refusal of
+  uncommitted changes is what makes it HEAD's code, so do not edit ``src/`` while replicates run;
 - each replicate's stage runs go to the workspace's MLflow store as children of one parent run;
 - the headline figures of every replicate are aggregated (:func:`aggregate`): per figure the values, their
   mean, min, max and a Student-t interval of the mean across replicates (``meta_test.confidence``), written
