@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from metadqn.errors import UserError
+from metadqn.tracking.runs import PARENT_RUN_ENV, REPLICATE_ENV
 
 SEED_KEYS: tuple[tuple[str, ...], ...] = (
     ("collect", "seed"), ("meta_train", "seed"), ("meta_test", "seed"), ("meta_test", "search", "seed"))
@@ -46,10 +47,6 @@ FIGURE_KEYS = ("zero_shot_iqm", "auc_iqm", "final_iqm", "min_curve_iqm", "auc_di
                "auc_diff_vs_scratch_ci_low")
 """The per-(split, method) figures of ``reports/metrics.json`` the table follows (the headline table's)."""
 
-PARENT_RUN_ENV = "METADQN_PARENT_RUN_ID"
-"""A stage run started with this set becomes a child of that MLflow run (:func:`metadqn.tracking.runs.stage_run`)."""
-REPLICATE_ENV = "METADQN_REPLICATE"
-"""The replicate index a stage run is tagged with."""
 
 
 class ReplicateError(UserError):
@@ -168,15 +165,6 @@ def _env(project: Path, parent_run: str | None, r: int, tracking_uri: str | None
     return env
 
 
-def absolute_tracking_uri(uri: str, root: Path) -> str:
-    """A relative ``sqlite:///x.db`` made absolute against ``root`` (a clone elsewhere must write to the
-    workspace's store); other URIs unchanged."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str((root / uri[len(prefix):]).resolve())
-    return uri
-
-
 def check_workspace(root: Path) -> str:
     """HEAD's commit, when the workspace can be replicate 0: tracked files committed and its run up to
     date. Refuses in one line otherwise."""
@@ -228,40 +216,6 @@ def run_replicate(root: Path, workdir: Path, r: int, commit: str, seeds: Mapping
     return project
 
 
-def _parent_run(family: str, n: int, commit: str, enabled: bool) -> tuple[str | None, str | None]:
-    """(parent run id, absolute tracking URI) of a new ``replicates`` run, or (None, None) with tracking off."""
-    if not enabled:
-        return None, None
-    import mlflow
-
-    from metadqn.tracking.runs import _ensure_experiment, configure_tracking, experiment_name
-
-    uri = absolute_tracking_uri(configure_tracking(), Path.cwd())
-    exp_id = _ensure_experiment(experiment_name(family))
-    run = mlflow.MlflowClient().create_run(exp_id, run_name=f"replicates-{n}",
-                                           tags={"stage": "replicates", "git_commit": commit, "family": family})
-    mlflow.MlflowClient().log_param(run.info.run_id, "n", n)
-    return run.info.run_id, uri
-
-
-def _finish_parent(run_id: str | None, table: Mapping[str, Mapping[str, Any]], page: Path, status: str) -> None:
-    if run_id is None:
-        return
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient()
-    metrics = []
-    for name, row in table.items():
-        for stat in ("mean", "min", "max"):
-            metrics.append(Metric(f"{name}.{stat}", float(row[stat]), 0, 0))
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
-    if page.is_file():
-        client.log_artifact(run_id, str(page))
-    client.set_terminated(run_id, status=status)
-
-
 def run_replicates(root: Path, n: int, workdir: Path, out_json: Path, out_md: Path, confidence: float,
                    family: str, tracking: bool, progress: Any = print) -> dict[str, dict[str, Any]]:
     """Replicate 0 (the workspace) and replicates 1..n-1 (clones), aggregated into ``out_json`` and
@@ -271,7 +225,12 @@ def run_replicates(root: Path, n: int, workdir: Path, out_json: Path, out_md: Pa
     commit = check_workspace(root)
     base = yaml.safe_load((root / "params.yaml").read_text())
     seeds = [replicate_seeds(base, r) for r in range(n)]
-    parent, uri = _parent_run(family, n, commit, tracking)
+    parent = uri = None
+    if tracking:
+        from metadqn.tracking.runs import start_parent_run
+
+        parent, uri = start_parent_run(f"replicates-{n}", family, {"stage": "replicates", "git_commit": commit},
+                                       {"n": n})
     status = "FAILED"
     table: dict[str, dict[str, Any]] = {}
     try:
@@ -295,5 +254,10 @@ def run_replicates(root: Path, n: int, workdir: Path, out_json: Path, out_md: Pa
         write_text(out_md, markdown(table, n, confidence, commit, seeds))
         status = "FINISHED"
     finally:
-        _finish_parent(parent, table, out_md, status)
+        if parent is not None:
+            from metadqn.tracking.runs import finish_parent_run
+
+            summary = {f"{name}.{stat}": float(row[stat]) for name, row in table.items()
+                       for stat in ("mean", "min", "max")}
+            finish_parent_run(parent, summary, out_md, status)
     return table

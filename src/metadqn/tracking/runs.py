@@ -240,16 +240,57 @@ def _ensure_experiment(name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+PARENT_RUN_ENV = "METADQN_PARENT_RUN_ID"
+"""A stage run started with this set becomes a child of that MLflow run (``metadqn replicate`` sets it)."""
+REPLICATE_ENV = "METADQN_REPLICATE"
+"""The replicate index a stage run is tagged with."""
+
+
 def replicate_tags() -> dict[str, str]:
     """Tags that make a stage run of a replicate (``metadqn replicate``) a child of the replicates' parent run."""
-    from metadqn.replicates import PARENT_RUN_ENV, REPLICATE_ENV
-
     tags = {}
     if os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
     if os.environ.get(REPLICATE_ENV):
         tags["replicate"] = os.environ[REPLICATE_ENV]
     return tags
+
+
+def absolute_tracking_uri(uri: str, root: Path) -> str:
+    """A relative ``sqlite:///x.db`` made absolute against ``root`` (a process elsewhere, e.g. a replicate's
+    clone, must write to the same store); other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str((root / uri[len(prefix):]).resolve())
+    return uri
+
+
+def start_parent_run(name: str, family: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
+    """A run in the family's experiment that other processes' stage runs join as children (they get
+    :data:`PARENT_RUN_ENV` and the returned absolute tracking URI); returns (run id, URI). It stays open
+    until :func:`finish_parent_run`."""
+    import mlflow
+
+    uri = absolute_tracking_uri(configure_tracking(), Path.cwd())
+    client = mlflow.MlflowClient()
+    run = client.create_run(_ensure_experiment(experiment_name(family)), run_name=name, tags={**tags, "family": family})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id, uri
+
+
+def finish_parent_run(run_id: str, metrics: Mapping[str, float], artifact: Path | None, status: str) -> None:
+    """Logs ``metrics`` (step 0) and ``artifact`` (if it exists) to a parent run and ends it with ``status``."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    rows = [Metric(k, float(v), 0, 0) for k, v in metrics.items()]
+    for i in range(0, len(rows), 500):
+        client.log_batch(run_id, metrics=rows[i:i + 500])
+    if artifact is not None and artifact.is_file():
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id, status=status)
 
 
 @contextlib.contextmanager
