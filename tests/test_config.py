@@ -30,6 +30,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("family: {name: pong}", "family.name must be one of cartpole, cartpole-mirrored"),
         ("family: {ranges: {lenght: {train: [[0.1, 0.2]]}}}", "family.ranges has unknown parameter 'lenght'"),
         ("collect: [1, 2", "not valid YAML"),
+        ("dqn_presets: {pong: {gamma: 0.9}}", "dqn_presets has unknown family 'pong'"),
+        ("dqn_presets: {acrobot: {gamma: 1.5}}", "dqn_presets.acrobot: gamma must be <= 1.0 (got 1.5)"),
+        ("dqn_presets: {acrobot: {gama: 0.9}}", "dqn_presets.acrobot: gama is not a known key"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(tmp_path, text, expected):
@@ -98,3 +101,27 @@ def test_stage_commands_refuse_missing_or_foreign_inputs_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run("report")
     assert proc.returncode == 2 and "reports/metrics.json: not found" in proc.stderr
+
+
+def test_the_family_picks_its_dqn_preset_and_dqn_keys_override_it(tmp_path):
+    """#14: each family trains with its own DQN settings; a key under dqn wins for every family."""
+    presets = "dqn_presets: {acrobot: {learning_rate: 0.00063, gamma: 0.99}, mountaincar: {gamma: 0.98}}\n"
+    acrobot = load_params(_write(tmp_path, presets + "family: {name: acrobot}"))
+    assert (acrobot.dqn.learning_rate, acrobot.dqn.gamma) == (0.00063, 0.99)
+    car = load_params(_write(tmp_path, presets + "family: {name: mountaincar}"))
+    assert car.dqn.gamma == 0.98 and car.dqn.learning_rate == 2.3e-3  # schema default where the preset is silent
+    over = load_params(_write(tmp_path, presets + "family: {name: acrobot}\ndqn: {learning_rate: 0.01}"))
+    assert (over.dqn.learning_rate, over.dqn.gamma) == (0.01, 0.99)
+    cartpole = load_params(_write(tmp_path, presets + "family: {name: cartpole}"))  # no preset: the schema's
+    assert cartpole.dqn.gamma == 0.99 and cartpole.dqn.learning_rate == 2.3e-3
+    # the presets of other families are not part of a run's identity; the dqn section in effect is
+    other = load_params(_write(tmp_path, presets.replace("0.98", "0.97") + "family: {name: acrobot}"))
+    assert other.digest() == acrobot.digest() and "dqn_presets.mountaincar.gamma" not in other.flat()
+
+
+def test_shipped_presets_differ_per_family():
+    shipped = load_params(ROOT / "params.yaml")
+    assert set(shipped.dqn_presets) == {"cartpole", "cartpole-mirrored", "acrobot", "mountaincar"}
+    lrs = {name: shipped.dqn_presets[name]["learning_rate"] for name in shipped.dqn_presets}
+    assert lrs["acrobot"] != lrs["cartpole"] != lrs["mountaincar"]
+    assert shipped.dqn.learning_rate == lrs[shipped.family.name]

@@ -15,10 +15,10 @@ NOT_COMPARED = {"reports/report.html", "reports/report.md"}
 METRICS = ("reports/collect/metrics.json", "reports/meta_train/metrics.json", "reports/metrics.json")
 
 # a second machine, as far as the libraries can tell: every CPU-dependent code path told to take another
-# kernel than this machine's (pre-AVX2 torch and oneDNN, MKL's SSE2 path, numpy without AVX2 or AVX-512,
+# kernel than this machine's (pre-AVX2 torch and oneDNN, MKL's AVX-512 path, numpy without AVX2 or AVX-512,
 # OpenBLAS's oldest kernels). The package's pin (metadqn.determinism) must override all of it; with the pin
 # off, the tiny pipeline's outputs differ from the first clone's (checked when this test was written).
-OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+OTHER_MACHINE = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX512", "ONEDNN_MAX_CPU_ISA": "SSE41",
                  "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR", "OPENBLAS_CORETYPE": "Prescott"}
 
 

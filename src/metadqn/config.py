@@ -185,6 +185,10 @@ class CollectConfig(_Section):
     """Most recent transitions per task kept from the expert's replay buffer (source 'replay')."""
     rollout_envs_per_task: int = Field(4, ge=1)
     """Parallel environments per task for the exploration and expert rollouts."""
+    random_episodes: int = Field(100, ge=1, le=100_000)
+    """Episodes of the uniform-random policy per task whose mean return is the task's 0 on the normalised
+    scale (:mod:`metadqn.data.normalise`). More than ``dqn.eval_episodes``: a random policy's return varies
+    far more than an expert's, and this figure enters every normalised return of the task."""
 
     def counts(self) -> dict[str, int]:
         return {"train": self.n_train_tasks, "val": self.n_val_tasks,
@@ -581,6 +585,11 @@ class Params(BaseModel):
 
     family: FamilyConfig = Field(default_factory=FamilyConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
+    dqn_presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-family DQN settings, keyed by family name (RL-Zoo's tuned settings per environment are the
+    reference). The ``dqn`` section in effect is the preset of ``family.name`` updated by the keys set under
+    ``dqn``, so switching ``family.name`` switches the DQN settings, and a key under ``dqn`` overrides it
+    for every family. A family without a preset uses ``dqn`` and the schema defaults alone."""
     dqn: DQNConfig = Field(default_factory=DQNConfig)
     meta_train: MetaTrainConfig = Field(default_factory=MetaTrainConfig)
     meta_test: MetaTestConfig = Field(default_factory=MetaTestConfig)
@@ -589,6 +598,32 @@ class Params(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Merges ``dqn_presets[family.name]`` under the ``dqn`` section (each preset checked on its own first,
+        so a bad preset value is reported under its own key, whichever family is selected)."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("dqn_presets"), Mapping):
+            return data
+        from metadqn.envs.families import FAMILIES
+
+        presets = data["dqn_presets"]
+        for name, preset in presets.items():
+            if name not in FAMILIES:
+                raise ValueError(f"dqn_presets has unknown family {name!r} (known: {', '.join(FAMILIES)})")
+            if not isinstance(preset, Mapping):
+                raise ValueError(f"dqn_presets.{name} must be a mapping of dqn keys (got {_short(preset)})")
+            try:
+                DQNConfig.model_validate(preset)
+            except ValidationError as exc:
+                raise ValueError(_format_error(exc.errors()[0], f"dqn_presets.{name}")) from None
+        family = data.get("family")
+        name = family.get("name", FamilyConfig().name) if isinstance(family, Mapping) else FamilyConfig().name
+        own = data.get("dqn")
+        if name in presets and (own is None or isinstance(own, Mapping)):
+            data = {**data, "dqn": {**presets[name], **(own or {})}}
+        return data
 
     @model_validator(mode="after")
     def _coherent(self) -> Params:
@@ -649,12 +684,13 @@ class Params(BaseModel):
     def digest(self) -> str:
         """A short, stable hash of every value that can change a result (recorded with each run and model
         version); where and when the pipeline runs (runner, schedule) is left out."""
-        blob = json.dumps(self.model_dump(mode="json", exclude=set(OPERATIONAL)), sort_keys=True).encode()
+        # the dqn section in effect is in; the other families' presets change nothing of this run
+        blob = json.dumps(self.model_dump(mode="json", exclude={*OPERATIONAL, "dqn_presets"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, for MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        return _flatten(self.model_dump(mode="json", exclude={"dqn_presets"}))  # dqn holds the preset in effect
 
 
 MAX_INT = 10**9

@@ -1,4 +1,4 @@
-"""The same bytes on any x86-64 machine with AVX2: every CPU-dependent code path pinned before it is chosen.
+"""The same bytes on any x86-64 machine with AVX2 (Intel or AMD): every CPU-dependent code path pinned.
 
 torch, MKL, oneDNN, numpy and OpenBLAS each pick their kernels at run time from the CPU they find (AVX2,
 AVX-512, ...). Two kernels of one operation can round differently, and a near-tie between two Q-values
@@ -6,7 +6,11 @@ turns a last-bit difference into another action, another episode and, by the end
 network. Measured on this project's machine (AVX-512): numpy's float64 ``exp`` and ``log1p`` give other
 bits with its AVX-512 kernels switched off, and the tiny pipeline's outputs differ between torch's AVX2 and
 AVX-512 dispatch. So the package pins every library to its AVX2 path, the widest one every supported
-machine has, through the environment variables each library reads *once, when it loads*.
+machine has, through the environment variables each library reads *once, when it loads*. MKL is the
+exception: Intel documents its AVX2 reproducibility branch for Intel CPUs only, and identical results on
+Intel *and* compatible (AMD) CPUs for the ``COMPATIBLE`` branch alone, so MKL runs that one (its SSE2
+kernels; the cost is measured by ``bench/determinism_cost.py``: about 1.2x on DQN training, 1.4x on a
+hypernetwork-sized fit, against the machine's native kernels).
 
 :func:`pin_environment` runs when ``metadqn`` is imported (``metadqn/__init__.py``), which is before any
 of these libraries in every entry point: the CLI and so ``dvc repro``, the Prefect flows, the worker
@@ -42,9 +46,10 @@ TORCH_CAPABILITY = "AVX2"
 PINNED_ENV: dict[str, str] = {
     # torch's own vectorised kernels (ATen's CPU dispatch)
     "ATEN_CPU_CAPABILITY": TORCH_CAPABILITY.lower(),
-    # MKL (torch's BLAS): conditional numerical reproducibility on the AVX2 code path; STRICT drops the
-    # alignment condition; no dynamic change of the thread count
-    "MKL_CBWR": "AVX2,STRICT",
+    # MKL (torch's BLAS): conditional numerical reproducibility on the COMPATIBLE code path, the one Intel
+    # documents as giving the same results on Intel and AMD CPUs (its AVX2 branch: Intel CPUs only); STRICT
+    # drops the alignment condition; no dynamic change of the thread count
+    "MKL_CBWR": "COMPATIBLE,STRICT",
     "MKL_DYNAMIC": "FALSE",
     # oneDNN (torch's mkldnn ops)
     "ONEDNN_MAX_CPU_ISA": "AVX2",

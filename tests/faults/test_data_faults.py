@@ -90,18 +90,19 @@ def test_non_finite_trajectories_stop_meta_train_in_one_line(project: Path, dama
     assert not (out / "m.json").exists()
 
 
-def test_a_zero_expert_return_stops_meta_test_in_one_line(project: Path, tmp_path: Path) -> None:
-    """#11.2: an expert return of 0 gave inf scores and null IQMs with exit 0."""
+def test_a_degenerate_return_scale_stops_meta_test_in_one_line(project: Path, tmp_path: Path) -> None:
+    """#11.2: an expert return of 0 gave inf scores and null IQMs with exit 0; since #14 the scale is
+    (R - R_random) / (R_ref - R_random), which a reference equal to the random return makes 0/0."""
     path = project / "reports/collect/metrics.json"
     metrics = json.loads(path.read_text())
     victim = next(t for t, v in metrics["tasks"].items() if v["split"] == "interp")
-    metrics["tasks"][victim]["return"] = 0.0
+    metrics["tasks"][victim]["reference_return"] = metrics["tasks"][victim]["random_return"]
     path.write_text(json.dumps(metrics))
     out = tmp_path / "mt"
     proc = _metadqn(project, "meta-test", "--tasks", "data/tasks.parquet", "--collect-metrics", str(path),
                     "--models", "models/meta", "--curves", str(out / "c.parquet"), "--curves-csv", str(out / "c.csv"),
                     "--scores", str(out / "s.csv"), "--metrics", str(out / "m.json"), "--adapted", str(out / "a"))
-    _one_line_failure(proc, victim, "expert return")
+    _one_line_failure(proc, victim, "cannot be normalised")
     assert not (out / "m.json").exists()
 
 

@@ -9,7 +9,6 @@ for model selection); meta-test opens every split.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 from metadqn import paths
 from metadqn.data import trajectories as traj
 from metadqn.data.io import CorruptDataError, load_state_dict
+from metadqn.data.normalise import ReturnScale
 from metadqn.dqn.qnetwork import StateDict
 from metadqn.errors import UserError
 
@@ -78,20 +78,17 @@ class TaskStore:
             raise MissingInputError(f"{path}: not found; run `dvc repro collect` (or `dvc pull`) first")
         return load_state_dict(path)
 
-    def expert_returns(self, task_ids: Iterable[str]) -> dict[str, float]:
-        """Each task's expert greedy return from collect (the normaliser of returns)."""
+    def return_scale(self, task_ids: Iterable[str]) -> ReturnScale:
+        """Each task's random-policy and reference returns from collect: what normalises its returns
+        (:mod:`metadqn.data.normalise`). A scale that cannot normalise is refused in one line."""
         ids = self._check_ids(task_ids)
         if not self.collect_metrics.exists():
             raise MissingInputError(f"{self.collect_metrics}: not found; run `dvc repro collect` first")
         try:
             per_task = json.loads(self.collect_metrics.read_text())["tasks"]
-            returns = {tid: float(per_task[tid]["return"]) for tid in ids}
+            random = {tid: float(per_task[tid]["random_return"]) for tid in ids}
+            reference = {tid: float(per_task[tid]["reference_return"]) for tid in ids}
         except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptDataError(f"{self.collect_metrics}: no usable expert return ({type(exc).__name__}: {exc}); "
+            raise CorruptDataError(f"{self.collect_metrics}: no usable return scale ({type(exc).__name__}: {exc}); "
                                    "rerun `dvc repro collect`") from None
-        for tid, ret in returns.items():
-            # returns are normalised by the expert's: a zero or non-finite one would make every score inf or NaN
-            if not math.isfinite(ret) or abs(ret) < 1e-9:
-                raise CorruptDataError(f"{self.collect_metrics}: task {tid}'s expert return is {ret}, which cannot "
-                                       "normalise returns; rerun `dvc repro collect` (or drop the task)")
-        return returns
+        return ReturnScale.build(ids, random, reference, str(self.collect_metrics))

@@ -47,6 +47,12 @@ def epsilon_greedy(greedy: np.ndarray, epsilon: float | np.ndarray, n_actions: i
     return np.where(explore, rng.integers(0, n_actions, size=greedy.shape[0]), greedy)
 
 
+def uniform_policy(n_actions: int, seed: int) -> Policy:
+    """The uniform-random policy as a :data:`Policy` (its own seeded generator: the same actions per seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda obs: torch.randint(n_actions, obs.shape[:-1], generator=gen)
+
+
 class GreedyEvaluator:
     """Mean greedy return per task over ``episodes`` episodes; the same start states at every call.
 

@@ -7,7 +7,8 @@ builds its initial Q-network (meta-learners from the context, or the true physic
 Every run then gets the context in its replay buffer (so scratch and multitask get the same C steps as
 extra exploration data, and budgets are equal) and fine-tunes with DQN for the rest of the budget T,
 evaluated greedily every t steps. Learning-curve steps count the context: the first point, at step C,
-is the zero-shot return. Returns are normalised by the task's expert return from collect (the oracle).
+is the zero-shot return. Returns are normalised per task, 0 = the random policy, 1 = the expert
+(:mod:`metadqn.data.normalise`).
 
 Groups. Contexts and initial networks are built in the stage process (they need the meta-models on
 disk); the fine-tuning is split into one :class:`ProtocolGroup` per method (every test task x seed of
@@ -267,7 +268,7 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
              "method; configurations: %s", len(tests), len(groups), mt.seeds, sum(len(g.task_ids) for g in groups),
              mt.budget_steps - c, c, ", ".join(f"{g.method}={g.candidate}" for g in groups))
 
-    expert = store.expert_returns(list(tests["task_id"]))  # before any training: a bad normaliser fails fast
+    scale = store.return_scale(list(tests["task_id"]))  # before any training: a bad normaliser fails fast
     results = map_groups(functools.partial(finetune_group, family), groups)
     if [r.method for r in results] != [g.method for g in groups]:
         raise RuntimeError("map_groups must return one result per group, in order")
@@ -293,7 +294,7 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
     curve = pd.concat(curves, ignore_index=True).merge(frame, on="slot")
     curve["step"] = curve["step"] + c
     curve = curve.rename(columns={"eval_return": "return"})
-    curve["normalised_return"] = curve["return"] / curve["task_id"].map(expert)
+    curve["normalised_return"] = scale.column(curve["return"], curve["task_id"])
     curve = curve[["task_id", "split", "method", "seed", "step", "return", "normalised_return"]]
     check_equal_budgets(curve, mt.budget_steps)
     return ProtocolResult(frame.drop(columns="slot"), curve.sort_values(["split", "method", "task_id", "seed", "step"])

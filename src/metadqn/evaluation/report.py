@@ -557,8 +557,11 @@ def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: 
                               f"cross-evaluation (validation tasks): {_fmt(siamese.get('top1_retrieval'))} vs "
                               f"{_fmt(siamese.get('random_top1'))} for a random neighbour."),
         "Expert returns": (f"{100 * data.collect['fraction_solved']:.0f}% of experts reach "
-                           f"{params.family.family().solved_return:g} (greedy, fresh start states); they "
-                           f"normalise every return in this report."),
+                           f"{params.family.family().solved_return:g} (greedy, fresh start states). Every return "
+                           "in this report is normalised per task as (R - R_random) / (R_ref - R_random): 0 is "
+                           "the uniform-random policy (mean return "
+                           f"{_fmt(data.collect.get('mean_random_return'))} over tasks), 1 the task's expert, "
+                           "or the solved return where the expert fell short of it (metadqn.data.normalise)."),
         "Learning curves": (f"IQM per evaluation with a shaded {pct(cfg.confidence)} CI per method; "
                             + ("dashed, in the same colour: the method's frozen start (no updates); "
                                if any(is_frozen(m) for m in methods) else "")

@@ -118,7 +118,7 @@ def run_search(params: Params, store: TaskStore, models: Path,
              "reference), in %d batched runs", len(mt.search.candidates), len(learned),
              len(set(groups[0].task_ids)), mt.search.seeds, len(groups))
 
-    expert = store.expert_returns(sorted(set(groups[0].task_ids)))  # before any training: fail fast
+    scale = store.return_scale(sorted(set(groups[0].task_ids)))  # before any training: fail fast
     results = map_groups(functools.partial(finetune_group, family), groups)
     frames = []
     for group, res in zip(groups, results, strict=True):
@@ -126,7 +126,7 @@ def run_search(params: Params, store: TaskStore, models: Path,
                               "method": group.methods, "seed": group.seeds, "candidate": group.candidates})
         curve = res.curves.merge(slots, on="slot").rename(columns={"eval_return": "return"})
         curve["step"] = curve["step"] + c
-        curve["normalised_return"] = curve["return"] / curve["task_id"].map(expert)
+        curve["normalised_return"] = scale.column(curve["return"], curve["task_id"])
         frames.append(curve.assign(split=SEARCH_SPLIT).drop(columns="slot"))
     curves = pd.concat(frames, ignore_index=True)
     scores = pd.concat([per_run_scores(g.drop(columns="candidate"), mt.threshold, mt.budget_steps)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from metadqn.config import Params
+from metadqn.data.normalise import ReturnScale
 from metadqn.data.store import TRAINING_SPLITS, LeakageError, TaskStore
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict
 from metadqn.dqn.rollout import GreedyEvaluator
@@ -44,7 +45,8 @@ class SplitData:
     physics: Tensor
     """[T, n_params] oracle features (scaled physics): only the oracle variants read them."""
     contexts: ContextSampler
-    expert_return: np.ndarray
+    scale: ReturnScale
+    """Normalises returns on these tasks (0 random, 1 expert; :mod:`metadqn.data.normalise`)."""
 
 
 @dataclass
@@ -53,7 +55,7 @@ class MetaData:
     train: SplitData
     val: SplitData
     experts: list[StateDict]
-    """The training tasks' experts (validation experts are never needed: their returns normalise)."""
+    """The training tasks' experts (validation experts are never needed: their returns set the scale)."""
     states: list[np.ndarray]
     """Per training task: distillation states (the expert's rollouts and the end of its replay)."""
     transitions: Transitions
@@ -66,11 +68,10 @@ def _split(store: TaskStore, family: Family, split: str, context_size: int) -> t
     frame = store.transitions(ids, family.obs_dim)
     explore = frame[frame["source"] == "exploration"]
     feats = [transition_features(explore[explore["task_id"] == tid], family) for tid in ids]
-    returns = store.expert_returns(ids)
     data = SplitData(tasks=tasks, matrix=task_matrix(tasks, family),
                      physics=torch.as_tensor(oracle_features(tasks, family)),
                      contexts=ContextSampler(feats, context_size),
-                     expert_return=np.array([returns[t] for t in ids]))
+                     scale=store.return_scale(ids))
     return data, frame
 
 

@@ -275,7 +275,7 @@ def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
             if it % cfg.eval_interval == 0 or it == cfg.iterations:
                 returns = greedy_returns(family, data.val.matrix, model.generate(val_input), hidden,
                                          mt.eval_episodes, seed)
-                score = float(np.mean(returns / data.val.expert_return))
+                score = float(np.mean(data.val.scale(returns)))
                 curves.append((f"{name}/seed{s}/val_zero_shot_normalized", it, score))
                 if score > seed_best:
                     seed_best = score

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from metadqn.data.normalise import ReturnScale
 from metadqn.dqn.qnetwork import StateDict
 from metadqn.envs.families import Family
 from metadqn.meta.context import ContextEncoder
@@ -41,9 +42,9 @@ def cross_evaluation(family: Family, experts: list[StateDict], tasks: np.ndarray
     return greedy_returns(family, pair_tasks, params, hidden, episodes, seed).reshape(n_e, n_t)
 
 
-def normalised_scores(returns: np.ndarray, expert_return: np.ndarray) -> np.ndarray:
-    """S_ij = return of expert i on task j / task j's expert return, clipped to [0, 1]."""
-    return np.clip(returns / np.maximum(expert_return[None, :], 1e-8), 0.0, 1.0)
+def normalised_scores(returns: np.ndarray, scale: ReturnScale) -> np.ndarray:
+    """S_ij = return of expert i on task j on task j's scale (0 random, 1 expert), clipped to [0, 1]."""
+    return np.clip(scale(returns), 0.0, 1.0)
 
 
 class SiameseIndex(nn.Module):

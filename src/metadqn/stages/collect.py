@@ -4,7 +4,8 @@ The training tasks come from the task pool (``data/task_pool.csv``, see :mod:`me
 held-out tasks (val, interp, extrap) are drawn from params and never change when the pool grows. For every
 task of every split (the test tasks' experts are the oracle that later normalises returns):
 train a DQN expert with the batched trainer, keep its best checkpoint by periodic greedy evaluation,
-re-evaluate that checkpoint on fresh start states (the figure reported, free of selection bias), then
+re-evaluate that checkpoint on fresh start states (the figure reported, free of selection bias), measure
+the uniform-random policy's return (with the expert's, the task's scale: :mod:`metadqn.data.normalise`), then
 record the task's transitions from three sources: ``exploration`` (uniform-random policy; later the
 task's context), ``expert`` (the expert's epsilon-greedy rollouts) and ``replay`` (the end of its DQN
 replay buffer).
@@ -56,8 +57,9 @@ from metadqn.data.io import (
     save_state_dict,
     write_json,
 )
+from metadqn.data.normalise import reference_return
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict
-from metadqn.dqn.rollout import GreedyEvaluator, collect_transitions
+from metadqn.dqn.rollout import GreedyEvaluator, collect_transitions, uniform_policy
 from metadqn.dqn.trainer import train_dqn
 from metadqn.envs.families import Family
 from metadqn.envs.sampling import check_disjoint, sample_tasks, task_matrix
@@ -89,6 +91,8 @@ class GroupResult:
     """Greedy return of the kept checkpoint on fresh start states (eval_episodes episodes)."""
     selection_return: np.ndarray
     """The return that selected the checkpoint (biased upwards by the selection)."""
+    random_return: np.ndarray
+    """The uniform-random policy's mean return (collect.random_episodes episodes): 0 on the normalised scale."""
     best_step: np.ndarray
     trained_steps: np.ndarray
     """Environment steps spent on each task, over all its rounds."""
@@ -133,6 +137,8 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
     seed = group_seed(collect.seed, ids)
     seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(4 + collect.max_rounds)]
     s_select, s_report, s_explore, s_expert = seeds[:4]
+    # its own stream (not a fifth entry above), so adding it left every expert's seeds as they were
+    s_random = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
     tasks = task_matrix(group, family)
     k = len(ids)
 
@@ -165,6 +171,8 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
 
     net = _batched_policy(family, best_params, dqn.hidden_sizes)
     eval_return = GreedyEvaluator(family, tasks, dqn.eval_episodes, s_report)(net.act)
+    random_return = GreedyEvaluator(family, tasks, collect.random_episodes, s_random)(
+        uniform_policy(family.n_actions, s_random))
     explore = collect_transitions(family, tasks, collect.exploration_steps, collect.rollout_envs_per_task,
                                   s_explore) if collect.exploration_steps else [None] * k
     expert = collect_transitions(family, tasks, collect.expert_steps, collect.rollout_envs_per_task, s_expert,
@@ -178,6 +186,7 @@ def train_group(family: Family, group: pd.DataFrame, dqn: DQNConfig, collect: Co
         frames[tid] = pd.concat(parts, ignore_index=True)
     return GroupResult(
         task_ids=ids, best_params=best_params, eval_return=eval_return, selection_return=selection_return,
+        random_return=random_return,
         best_step=best_step, trained_steps=steps_spent, rounds=rounds,
         curves=pd.concat(curves, ignore_index=True)[["task_id", "step", "eval_return"]], frames=frames,
         wall_s=time.perf_counter() - start,
@@ -251,6 +260,7 @@ def write_group(family: Family, result: GroupResult, out: CollectOutputs, finger
             "fingerprint": fingerprint, "group": result.task_ids,
             "md5": {k: file_md5(f) for k, f in files.items()},
             "return": float(result.eval_return[slot]), "selection_return": float(result.selection_return[slot]),
+            "random_return": float(result.random_return[slot]),
             "steps": int(result.trained_steps[slot]), "best_step": int(result.best_step[slot]),
             "round": int(result.rounds[slot]),
             "curve": {"step": curve["step"].astype(int).tolist(), "eval_return": curve["eval_return"].tolist()},
@@ -266,16 +276,20 @@ def write_summary(family: Family, tasks: pd.DataFrame, out: CollectOutputs) -> d
         card = _read_card(out, tid)
         if card is None:
             raise RuntimeError(f"collect: no expert card for {tid} after training")
-        per_task[tid] = {"split": split, **{k: card[k] for k in ("return", "selection_return", "steps",
-                                                                  "best_step", "round")}}
+        per_task[tid] = {"split": split, **{k: card[k] for k in ("return", "selection_return", "random_return",
+                                                                  "steps", "best_step", "round")},
+                         "reference_return": reference_return(card["return"], family.solved_return)}
         curves.append(pd.DataFrame({"task_id": tid, "split": split, **card["curve"]}))
     frame = pd.concat(curves, ignore_index=True)[["task_id", "split", "step", "eval_return"]]
     with atomic_path(out.curves) as tmp:
         frame.to_csv(tmp, index=False)
     returns = np.array([v["return"] for v in per_task.values()])
     metrics = {
+        "family": family.name,
         "fraction_solved": float(np.mean(returns >= family.solved_return)),
         "solved_return": family.solved_return,
+        "mean_expert_return": float(np.mean(returns)),
+        "mean_random_return": float(np.mean([v["random_return"] for v in per_task.values()])),
         "tasks": dict(sorted(per_task.items())),
     }
     write_json(out.metrics, metrics)

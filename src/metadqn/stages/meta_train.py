@@ -26,6 +26,7 @@ import torch
 from metadqn import paths
 from metadqn.config import Params
 from metadqn.data.io import atomic_path, require_finite, write_json
+from metadqn.data.normalise import ReturnScale
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
 from metadqn.learners import get_learner
@@ -68,11 +69,11 @@ def val_zero_shot(model: MetaModel, data: MetaData, params: Params) -> np.ndarra
     init = model.initial_params(context=ctx, physics=data.val.physics, n_tasks=len(data.val.matrix))
     returns = greedy_returns(data.family, data.val.matrix, init, params.dqn.hidden_sizes,
                              params.meta_train.eval_episodes, derive_seed(params.meta_train.seed, Salt.VAL_ZERO_SHOT))
-    return returns / data.val.expert_return
+    return data.val.scale(returns)
 
 
 # Trainers: one per entry of metadqn.learners.LEARNERS, each (data, params, scores) -> LearnerResult, where
-# scores is the normalised cross-evaluation matrix (expert i's return on task j / task j's expert return).
+# scores is the normalised cross-evaluation matrix (expert i's return on task j, on task j's scale).
 
 def train_hypernet(data: MetaData, params: Params, scores: np.ndarray | None = None,
                    oracle: bool = False) -> LearnerResult:
@@ -175,11 +176,11 @@ def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrai
     data = load_meta_data(store, params)
     family = data.family
     tasks = np.concatenate([data.train.matrix, data.val.matrix])
-    expert_return = np.concatenate([data.train.expert_return, data.val.expert_return])
+    scale = ReturnScale.concat(data.train.scale, data.val.scale)
     t0 = time.perf_counter()
     returns = cross_evaluation(family, data.experts, tasks, params.dqn.hidden_sizes,
                                params.meta_train.eval_episodes, derive_seed(params.meta_train.seed, Salt.CROSS_EVAL))
-    scores = normalised_scores(returns, expert_return)
+    scores = normalised_scores(returns, scale)
     cross_eval_s = time.perf_counter() - t0
     log.info("cross-evaluation: %d experts x %d tasks in %.1f s", *returns.shape, cross_eval_s)
 
