@@ -43,7 +43,10 @@ def test_collect_writes_every_output_and_is_deterministic(tmp_path, tiny_params)
     assert "wall_s" not in json.loads(out_a.metrics.read_text())  # the file is exactly reproducible
     assert json.loads(out_a.metrics.read_text())["tasks"] == metrics["tasks"]
     for tid, m in metrics["tasks"].items():
-        assert set(m) >= {"split", "return", "steps"}
+        assert set(m) >= {"split", "return", "steps", "random_return", "reference_return"}
+        # the scale's two ends (metadqn.data.normalise): a random CartPole policy falls within ~20 steps
+        assert 8 < m["random_return"] < 60
+        assert m["reference_return"] == max(m["return"], family.solved_return)
         frame = traj.read_task(out_a.trajectories / f"{tid}.parquet", family.obs_dim)
         assert set(frame["source"]) == {"exploration", "expert", "replay"}
         assert (frame["task_id"] == tid).all()

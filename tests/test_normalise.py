@@ -12,6 +12,8 @@ import pytest
 from metadqn.data.io import CorruptDataError
 from metadqn.data.normalise import ReturnScale, ScaleError, reference_return
 from metadqn.data.store import TaskStore
+from metadqn.dqn.rollout import GreedyEvaluator, uniform_policy
+from metadqn.envs import get_family, sample_tasks, task_matrix
 from metadqn.evaluation.summary import per_run_scores
 
 # (random, expert) per family: CartPole-like positive, MountainCar-like negative, and a mixed-sign task
@@ -101,3 +103,15 @@ def test_the_store_reads_the_scale_that_collect_wrote(tmp_path: Path) -> None:
     (tmp_path / "m.json").write_text(json.dumps(metrics))
     with pytest.raises(CorruptDataError, match=r"no usable return scale.*rerun `dvc repro collect`"):
         store.return_scale(["a"])
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [("cartpole", 10, 40), ("mountaincar", -200, -190),
+                                                   ("acrobot", -500, -300)])
+def test_the_random_policy_return_is_what_each_family_is_known_for(name: str, low: float, high: float) -> None:
+    """R_random as collect measures it: ~22 on CartPole, the -200 floor on MountainCar, near -500 on Acrobot."""
+    family = get_family(name)
+    tasks = task_matrix(sample_tasks(family, {"train": 2}, seed=0), family)
+    evaluate = GreedyEvaluator(family, tasks, 20, seed=3)
+    got = evaluate(uniform_policy(family.n_actions, 5))
+    assert np.all((low <= got) & (got <= high)), got
+    np.testing.assert_array_equal(got, evaluate(uniform_policy(family.n_actions, 5)))  # seeded: the same again
