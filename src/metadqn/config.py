@@ -621,7 +621,8 @@ class Params(BaseModel):
         family = data.get("family")
         name = family.get("name", FamilyConfig().name) if isinstance(family, Mapping) else FamilyConfig().name
         own = data.get("dqn")
-        if name in presets and (own is None or isinstance(own, Mapping)):
+        # a malformed name (a list, a number) is left to the family section's own one-line error
+        if isinstance(name, str) and name in presets and (own is None or isinstance(own, Mapping)):
             data = {**data, "dqn": {**presets[name], **(own or {})}}
         return data
 
