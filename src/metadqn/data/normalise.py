@@ -24,6 +24,11 @@ import pandas as pd
 from metadqn.errors import UserError
 
 
+def _scaled(returns: np.ndarray, random: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The one formula: random maps to 0, reference to 1 (elementwise, broadcast)."""
+    return (np.asarray(returns, dtype=np.float64) - random) / (reference - random)
+
+
 class ScaleError(UserError, ValueError):
     """A task's random and reference returns cannot normalise (one-line message)."""
 
@@ -62,7 +67,7 @@ class ReturnScale:
 
     def __call__(self, returns: np.ndarray) -> np.ndarray:
         """Normalises returns whose last axis is the task axis (in ``task_ids`` order)."""
-        return (np.asarray(returns, dtype=np.float64) - self.random) / (self.reference - self.random)
+        return _scaled(returns, self.random, self.reference)
 
     def column(self, returns: pd.Series, task_ids: pd.Series) -> pd.Series:
         """Normalises a column of returns, each row's task named in ``task_ids``."""
@@ -71,4 +76,5 @@ class ReturnScale:
         if pos.isna().any():
             raise KeyError(f"no return scale for task(s) {sorted(set(task_ids[pos.isna()]))}")
         i = pos.to_numpy(dtype=np.int64)
-        return (returns.astype(np.float64) - self.random[i]) / (self.reference[i] - self.random[i])
+        return pd.Series(_scaled(returns.to_numpy(), self.random[i], self.reference[i]), index=returns.index,
+                         name=returns.name)
