@@ -22,6 +22,15 @@ def test_collect_code_is_its_dvc_yaml_code_deps():
     assert dag.stages(ROOT / "dvc.yaml")[0] == "collect"
 
 
+def test_only_the_report_reads_the_diagnosis():
+    """The diagnose stage reads the test splits; a stage that chose anything from its output would leak
+    them into selection."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    readers = {name for name, st in spec.items() for d in st.get("deps", []) if d.startswith("reports/diagnosis")}
+    assert readers == {"report"}
+    assert list(spec).index("diagnose") < list(spec).index("report")
+
+
 def test_code_digest_follows_the_files_dvc_yaml_lists(tmp_path):
     (tmp_path / "src" / "pkg").mkdir(parents=True)
     (tmp_path / "flows").mkdir()

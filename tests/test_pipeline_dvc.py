@@ -35,6 +35,7 @@ def test_dvc_repro_whole_tiny_pipeline_then_noop(tiny_project):
     html = (project / "reports" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5 and "<script" not in html
     assert (project / "models" / "adapted" / "index.csv").exists()
+    _check_diagnosis(project, report)
 
     start = time.perf_counter()
     second = dvc(project, "repro")
@@ -53,3 +54,23 @@ def test_dvc_repro_whole_tiny_pipeline_then_noop(tiny_project):
     assert "zero_shot_iqm" in shown.stdout
     plots = dvc(project, "plots", "show", "--json")
     assert plots.returncode == 0 and "normalised_return" in plots.stdout
+
+
+def _check_diagnosis(project, report: str) -> None:
+    """The diagnose stage: a row per hypernetwork and task of every split, neighbours always other training
+    tasks, a training task's distance ratio 1 at the median, and the report's table."""
+    import pandas as pd
+
+    per_task = pd.read_csv(project / "reports" / "diagnosis" / "per_task.csv")
+    tasks = pd.read_parquet(project / "data" / "tasks.parquet")
+    split = dict(zip(tasks["task_id"], tasks["split"], strict=True))
+    assert set(per_task["model"]) == {"hypernet", "hypernet-oracle"}
+    for _, rows in per_task.groupby("model"):
+        assert sorted(rows["task_id"]) == sorted(tasks["task_id"])
+        assert (rows["nn_task"] != rows["task_id"]).all()
+        assert {split[t] for t in rows["nn_task"]} == {"train"}
+        assert rows.loc[rows["split"] == "train", "embed_nn_ratio"].median() == pytest.approx(1.0)
+    summary = json.loads((project / "reports" / "diagnosis" / "summary.json").read_text())
+    assert set(summary["hypernet"]) == {"train", "val", "interp", "extrap"}
+    assert all(-1.5 < m["ret_expert_phys_nn"] < 1.5 for m in summary["hypernet"].values())
+    assert "generator at the nearest training embedding" in report

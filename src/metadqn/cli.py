@@ -287,6 +287,37 @@ def meta_test(
 
 
 @app.command()
+def diagnose(
+    params: ParamsOpt = None,
+    base_params: BaseOpt = Path("params.yaml"),
+    tasks: Annotated[Path, typer.Option(help="Input: the task sets.")] = paths.TASKS,
+    trajectories: Annotated[Path, typer.Option(help="Input: the trajectory dataset.")] = paths.TRAJECTORIES,
+    experts: Annotated[Path, typer.Option(help="Input: the per-task experts.")] = paths.EXPERTS,
+    collect_metrics: Annotated[Path, typer.Option(help="Input: expert returns.")] = paths.COLLECT_METRICS,
+    models: Annotated[Path, typer.Option(help="Input: meta-models.")] = paths.META_MODELS,
+    summary: Annotated[Path, typer.Option(help="Output: per model and split (metrics JSON).")] = (
+        paths.DIAGNOSIS_SUMMARY),
+    per_task: Annotated[Path, typer.Option(help="Output: per model and task.")] = paths.DIAGNOSIS_PER_TASK,
+) -> None:
+    """Where each hypernetwork's start leaves the training region: encoder or generator (analysis only)."""
+    cfg = _start_stage(base_params, params)
+    _check_tracking(cfg)
+    from flows.diagnose import diagnose_flow
+
+    from metadqn.data.store import TaskStore
+    from metadqn.envs.sampling import SPLITS
+    from metadqn.stages.diagnose import DiagnoseOutputs
+
+    store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
+    _preflight(store, SPLITS, cfg)
+    try:
+        diagnose_flow(cfg, store, models, DiagnoseOutputs(summary, per_task))
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"diagnose: summary in {summary}, per task in {per_task}")
+
+
+@app.command()
 def report(
     params: ParamsOpt = None,
     base_params: BaseOpt = Path("params.yaml"),
@@ -303,6 +334,8 @@ def report(
         paths.FINETUNE_SEARCH),
     selected: Annotated[Path, typer.Option(help="Input (optional): the fine-tuning selection.")] = (
         paths.FINETUNE_SELECTED),
+    diagnosis: Annotated[Path, typer.Option(help="Input (optional): the out-of-range diagnosis summary.")] = (
+        paths.DIAGNOSIS_SUMMARY),
 ) -> None:
     """Write the evaluation report (report.md, report.html rendered from it, summary.md, figures/)."""
     cfg = _start_stage(base_params, params)
@@ -315,7 +348,7 @@ def report(
             raise _fail(f"{need}: not found; run `dvc repro {stage}` first")
     inputs = {"metrics_path": metrics, "curves_path": curves, "scores_path": scores,
               "meta_train_path": meta_train_metrics, "collect_path": collect_metrics, "tasks_path": tasks,
-              "search_path": search, "selected_path": selected}
+              "search_path": search, "selected_path": selected, "diagnosis_path": diagnosis}
     html = report_flow(cfg, out_dir, inputs)
     typer.echo(f"report: {html}")
 

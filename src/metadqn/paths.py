@@ -30,4 +30,7 @@ FINETUNE_REPORTS = Path("reports/finetune")
 FINETUNE_SEARCH = FINETUNE_REPORTS / "search.csv"
 FINETUNE_SEARCH_SCORES = FINETUNE_REPORTS / "scores.csv"
 FINETUNE_SELECTED = FINETUNE_REPORTS / "selected.json"
+DIAGNOSIS_REPORTS = Path("reports/diagnosis")
+DIAGNOSIS_SUMMARY = DIAGNOSIS_REPORTS / "summary.json"
+DIAGNOSIS_PER_TASK = DIAGNOSIS_REPORTS / "per_task.csv"
 REPORT_SUMMARY = Path("reports/summary.md")

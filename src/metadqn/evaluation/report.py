@@ -43,8 +43,25 @@ from metadqn.evaluation.metrics import iqm, stratified_iqm_ci
 from metadqn.learners import LEARNERS, SCRATCH, SCRATCH_COLOR
 
 SEARCH_SECTION = "Fine-tuning configuration search (validation tasks)"
+DIAGNOSIS_SECTION = "Out-of-range diagnosis"
 SECTIONS = ("What was run", "Headline results", "Learning curves", "Zero-shot return", "Per-task comparison",
-            "Siamese retrieval", "Expert returns", SEARCH_SECTION, "Verdict")
+            "Siamese retrieval", "Expert returns", SEARCH_SECTION, DIAGNOSIS_SECTION, "Verdict")
+DIAGNOSIS_ROWS = (
+    ("input_outlier_frac", "input outliers (|z| > 3, or physics outside [0, 1])"),
+    ("embed_nn_ratio", "embedding: distance to nearest training task (1 = typical)"),
+    ("embed_outside_box", "embedding: dimensions outside the training range"),
+    ("params_nn_ratio", "generated parameters: distance to nearest training task's"),
+    ("nn_physics_gap", "physics of the embedding's nearest training task (1 = the physically nearest)"),
+    ("nn_discrete_match", "embedding's nearest training task has the same discrete physics"),
+    ("probe_mae", "physics probe error from the embedding (scaled units)"),
+    ("q_scale", "generated Q level over the expert's"),
+    ("gap_ratio", "generated action gap over the expert's"),
+    ("ret_gen", "return: generated start (mean)"),
+    ("ret_gen_nn", "return: generator at the nearest training embedding (mean)"),
+    ("ret_gen_clip", "return: generator at the embedding clipped to the training range (mean)"),
+    ("ret_expert_phys_nn", "return: expert of the physically nearest training task (mean)"),
+)
+"""The diagnosis rows the report shows (the CSV has them all), in chain order: input, encoder, generator."""
 SPLIT_NAMES = {"interp": "interpolation", "extrap": "extrapolation"}
 METHOD_ORDER = (SCRATCH, *LEARNERS)
 COLORS = {SCRATCH: SCRATCH_COLOR, **{name: entry.color for name, entry in LEARNERS.items()}}
@@ -480,17 +497,19 @@ class _Inputs:
     tasks: pd.DataFrame
     search: pd.DataFrame | None
     selected: dict[str, Any]
+    diagnosis: dict[str, Any]
 
     @classmethod
     def read(cls, metrics: Path, curves: Path, scores: Path, meta_train: Path, collect: Path, tasks: Path,
-             search: Path, selected: Path) -> _Inputs:
+             search: Path, selected: Path, diagnosis: Path) -> _Inputs:
         table = pd.read_csv(search) if search.exists() else None
         if table is not None and (table.empty or "method" not in table.columns):
             table = None
         return cls(json.loads(metrics.read_text()), pd.read_parquet(curves), pd.read_csv(scores),
                    json.loads(meta_train.read_text()) if meta_train.exists() else {},
                    json.loads(collect.read_text()), pd.read_parquet(tasks), table,
-                   json.loads(selected.read_text()) if selected.exists() else {})
+                   json.loads(selected.read_text()) if selected.exists() else {},
+                   json.loads(diagnosis.read_text()) if diagnosis.exists() else {})
 
 
 def _figures(data: _Inputs, params: Params, fig_dir: Path) -> dict[str, Path]:
@@ -528,6 +547,28 @@ def _run_info(data: _Inputs, params: Params, methods: list[str]) -> list[tuple[s
         ("CPU kernels", f"{cpu_setting()} (metadqn.determinism: the same bytes on any x86-64 machine with AVX2)"),
         ("git commit", git_commit()), ("DVC data hash (trajectories)", _data_hash()),
     ]
+
+
+def diagnosis_section(diagnosis: Mapping[str, Any]) -> list[str]:
+    """Per hypernetwork: the measures of :mod:`metadqn.evaluation.diagnosis` by split (Markdown lines)."""
+    if not diagnosis:
+        return [f"## {DIAGNOSIS_SECTION}", "", "Not run (no `reports/diagnosis/summary.json`: `dvc repro diagnose`).",
+                ""]
+    md = [f"## {DIAGNOSIS_SECTION}", "",
+          "Where each hypernetwork's start falls relative to the training tasks, along its chain (input, encoder "
+          "embedding, generated parameters), from one context per task drawn as meta_test draws its first. "
+          "If the generator applied to the *nearest training embedding* does much better than on the task's own "
+          "embedding, the generator is what leaves its training region; if the expert of the physically nearest "
+          "training task does well but that does not, the encoder picked the wrong neighbour. Medians over "
+          "tasks; returns and matches are means; returns normalised (0 random, 1 expert). Analysis only: no "
+          "stage selects anything from it (metadqn.evaluation.diagnosis).", ""]
+    for model, splits in diagnosis.items():
+        names = [s for s in ("train", "val", "interp", "extrap") if s in splits]
+        md += [f"**{model}**", "", "| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        md += [f"| {label} | " + " | ".join(_fmt(splits[s].get(key)) for s in names) + " |"
+               for key, label in DIAGNOSIS_ROWS]
+        md.append("")
+    return md
 
 
 def _headline_section(data: _Inputs, params: Params) -> list[str]:
@@ -577,6 +618,7 @@ def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: 
         chosen = selected_lines(data.selected)
         if chosen:
             md += ["Selected configurations:", "", *[f"- {line}" for line in chosen], ""]
+    md += diagnosis_section(data.diagnosis)
     md += [*verdict_lines, "", "## Replicates", "",
            "This report is one run; its intervals resample its tasks and seeds, not the training of its experts "
            "and meta-models. How far the headline figures move across independent runs (other training seeds, "
@@ -596,16 +638,19 @@ def build_report(
     tasks_path: Path = paths.TASKS,
     search_path: Path = paths.FINETUNE_SEARCH,
     selected_path: Path = paths.FINETUNE_SELECTED,
+    diagnosis_path: Path = paths.DIAGNOSIS_SUMMARY,
 ) -> ReportResult:
     """Writes ``out_dir/report.md`` (the one rendering), ``out_dir/report.html`` (rendered from it, figures
     embedded), ``out_dir/summary.md`` (headline tables and verdict) and ``out_dir/figures/``.
 
-    ``meta_train_path``, ``search_path`` and ``selected_path`` are optional inputs (left out when absent).
+    ``meta_train_path``, ``search_path``, ``selected_path`` and ``diagnosis_path`` are optional inputs (left
+    out when absent).
     """
     from metadqn.tracking.runs import stage_run
 
     data = _Inputs.read(Path(metrics_path), Path(curves_path), Path(scores_path), Path(meta_train_path),
-                        Path(collect_path), Path(tasks_path), Path(search_path), Path(selected_path))
+                        Path(collect_path), Path(tasks_path), Path(search_path), Path(selected_path),
+                        Path(diagnosis_path))
     figs = _figures(data, params, out_dir / "figures")
     headline, verdict_lines = _headline_section(data, params), _verdict_section(data, params)
     summary = "\n".join([*headline, "", *verdict_lines, ""])  # summary.md: the pipeline's Prefect artifact
