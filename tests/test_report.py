@@ -345,3 +345,14 @@ def test_verdict_says_nothing_about_a_split_without_scratch():
     lines = verdict(metrics, threshold=0.9, confidence=0.95)
     assert not any("extrapolation" in line for line in lines)
     assert any(line.startswith("On interpolation tasks, **hypernet** ") for line in lines)
+
+
+def test_diagnosis_section_is_one_well_formed_table_per_model():
+    from metadqn.evaluation.report import DIAGNOSIS_ROWS, diagnosis_section
+
+    splits = {s: {key: 0.5 for key, _ in DIAGNOSIS_ROWS} for s in ("train", "val", "interp", "extrap")}
+    lines = diagnosis_section({"hypernet": splits, "hypernet-oracle": splits})
+    rows = [line for line in lines if line.startswith("|")]
+    assert len(rows) == 2 * (2 + len(DIAGNOSIS_ROWS))
+    assert {line.count("|") for line in rows} == {6}  # a "|" inside a label would split its cell
+    assert "Not run" in diagnosis_section({})[2]

@@ -47,7 +47,7 @@ DIAGNOSIS_SECTION = "Out-of-range diagnosis"
 SECTIONS = ("What was run", "Headline results", "Learning curves", "Zero-shot return", "Per-task comparison",
             "Siamese retrieval", "Expert returns", SEARCH_SECTION, DIAGNOSIS_SECTION, "Verdict")
 DIAGNOSIS_ROWS = (
-    ("input_outlier_frac", "input outliers (|z| > 3, or physics outside [0, 1])"),
+    ("input_outlier_frac", "input outliers (standardised feature beyond 3, or physics outside [0, 1])"),
     ("embed_nn_ratio", "embedding: distance to nearest training task (1 = typical)"),
     ("embed_outside_box", "embedding: dimensions outside the training range"),
     ("params_nn_ratio", "generated parameters: distance to nearest training task's"),
