@@ -55,7 +55,6 @@ from metadqn.config import Params
 from metadqn.data.io import CorruptDataError
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import StateDict
-from metadqn.envs.families import Family
 from metadqn.envs.sampling import SPLITS, task_matrix
 from metadqn.evaluation.protocol import context_seed, contexts
 from metadqn.meta.context import features_from_arrays, oracle_features
@@ -103,12 +102,9 @@ def _gap(q: Tensor) -> Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def _compare_on_states(family: Family, hidden: Sequence[int], nets: Sequence[StateDict], experts: Sequence[StateDict],
-                       states: Tensor) -> dict[str, np.ndarray]:
-    """Greedy agreement, value scale and action-gap ratio of net i against expert i on task i's states."""
-    with torch.no_grad():
-        q = batched(family, list(nets), list(hidden))(states)
-        qe = batched(family, list(experts), list(hidden))(states)
+def _compare_q(q: Tensor, qe: Tensor) -> dict[str, np.ndarray]:
+    """Greedy agreement, value scale and action-gap ratio of Q-values ``q`` against the expert's ``qe``, both
+    [T, N, A] on task i's states."""
     agree = (q.argmax(-1) == qe.argmax(-1)).float().mean(1)
     scale = q.mean((1, 2)) / qe.mean((1, 2))
     gap = _gap(q).abs().median(1).values / _gap(qe).abs().median(1).values.clamp(min=1e-9)
@@ -153,8 +149,14 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
         """Normalised greedy return of net i on task i."""
         return scale(greedy_returns(family, matrix, list(nets), hidden, mt.eval_episodes, seed))
 
+    def q_on_states(nets: Sequence[StateDict]) -> Tensor:
+        """[T, N, A]: net i's Q-values on task i's expert states."""
+        with torch.no_grad():
+            return batched(family, list(nets), hidden)(states)
+
+    q_expert = q_on_states(experts)  # the reference every comparison below is against: computed once
     ret_expert_phys = ret(expert_phys)
-    cmp_phys = _compare_on_states(family, hidden, expert_phys, experts, states)
+    cmp_phys = _compare_q(q_on_states(expert_phys), q_expert)
 
     out = []
     for name in MODELS:
@@ -186,8 +188,8 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
         match = (np.all(physics_np[:, discrete] == physics_np[nn_rows][:, discrete], axis=1) if discrete
                  else np.ones(len(ids), bool))
         gen_nn = [gen[r] for r in nn_rows]
-        cmp = _compare_on_states(family, hidden, gen, experts, states)
-        cmp_nn = _compare_on_states(family, hidden, gen_nn, experts, states)
+        cmp = _compare_q(q_on_states(gen), q_expert)
+        cmp_nn = _compare_q(q_on_states(gen_nn), q_expert)
         out.append(pd.DataFrame({
             "model": name, "task_id": ids, "split": tasks["split"].to_numpy(),
             "input_outlier_frac": outlier.numpy(),
