@@ -194,6 +194,22 @@ print('return', total)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "return" in proc.stdout
 
+    # select's pyfunc carries its candidates' models: a fresh process loads it and acts as the stage's model does
+    from metadqn.meta.model import MetaModel
+    from metadqn.tracking.models import example_input, predict_actions
+
+    select = model_name(params.family.name, "select")
+    assert select in {r.name for r in first if r.version}
+    frame = example_input(params.family.name, params.meta_train.context_size, n_obs=5)
+    frame.to_parquet(tmp_path / "frame.parquet")
+    code = (f"import mlflow, pandas as pd; mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}'); "
+            f"m = mlflow.pyfunc.load_model('models:/{select}/1'); "
+            f"print(list(m.predict(pd.read_parquet('{tmp_path / 'frame.parquet'}'))['action']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = list(predict_actions(MetaModel.load(out.models / "select"), frame)["action"])
+    assert proc.stdout.strip().splitlines()[-1] == str(want)
+
     # `mlflow models serve` answers a real HTTP request for the champion on loopback
     _serve_and_query(tmp_path, name, params)
 

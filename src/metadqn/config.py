@@ -280,6 +280,28 @@ class MultitaskConfig(_Section):
     """Environment steps, summed over one environment per training task (domain randomisation)."""
 
 
+SelectCandidate = Literal["hypernet", "siamese", "multitask", "reptile"]
+_DEFAULT_CANDIDATES: list[SelectCandidate] = ["hypernet", "siamese", "multitask"]
+
+
+class SelectConfig(_Section):
+    """A start chosen from the context: the candidate start with the lowest TD error on the task's context
+    (:mod:`metadqn.meta.select`). It fits nothing; it is built from the other learners' models."""
+
+    candidates: list[SelectCandidate] = Field(default_factory=lambda: _DEFAULT_CANDIDATES.copy(), min_length=1)
+    """Whose starts compete (each must be in ``meta_train.learners``): the hypernet's generated network,
+    the siamese index's ``k`` nearest experts, the multitask or reptile network."""
+    k: int = Field(3, ge=1)
+    """How many of the siamese index's nearest experts are candidates (each one on its own)."""
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a candidate twice: {v}")
+        return v
+
+
 class MetaTrainConfig(_Section):
     """The meta_train stage."""
 
@@ -304,6 +326,7 @@ class MetaTrainConfig(_Section):
     siamese: SiameseConfig = Field(default_factory=SiameseConfig)
     reptile: ReptileConfig = Field(default_factory=ReptileConfig)
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
     @field_validator("learners")
     @classmethod
@@ -647,6 +670,14 @@ class Params(BaseModel):
                 and rep.inner_env_steps <= dqn.learning_starts:
             raise ValueError(f"meta_train.reptile.inner_env_steps must exceed dqn.learning_starts "
                              f"({dqn.learning_starts}) or the inner loop never learns (got {rep.inner_env_steps})")
+        if "select" in self.meta_train.learners:
+            missing = [c for c in self.meta_train.select.candidates if c not in self.meta_train.learners]
+            if missing:
+                raise ValueError(f"meta_train.select.candidates lists {', '.join(missing)}, which meta_train.learners "
+                                 "does not train: add it to the learners or drop it from the candidates")
+            if "hypernet" in self.meta_train.select.candidates and self.meta_train.features == "oracle":
+                raise ValueError("meta_train.select.candidates lists hypernet, but meta_train.features: oracle "
+                                 "trains the physics-fed hypernet, which a new task's context cannot feed")
         mt_steps = self.meta_train.multitask.total_steps
         if "multitask" in self.meta_train.learners and mt_steps <= dqn.learning_starts:
             raise ValueError(f"meta_train.multitask.total_steps must exceed dqn.learning_starts "

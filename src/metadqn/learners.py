@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 TaskInput = Literal["context", "physics", "none"]
-ModuleKind = Literal["hypernet", "index", "init"]
+ModuleKind = Literal["hypernet", "index", "init", "select"]
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,18 @@ class Learner:
     task_input: TaskInput
     """What it reads from a new task: its context transitions, its true physics, or nothing."""
     module: ModuleKind
-    """What the saved model holds: a hypernetwork (HyperQ), a retrieval index (SiameseIndex), or one
-    initialisation (a Q-network state_dict)."""
+    """What the saved model holds: a hypernetwork (HyperQ), a retrieval index (SiameseIndex), one
+    initialisation (a Q-network state_dict), or a chooser among other learners' starts (SelectQ)."""
     color: str
     """Its colour in the report's figures."""
     selectable: bool = True
     """Whether ``meta_train.learners`` may list it (False: a variant that another learner's settings switch
     on, as ``meta_train.hypernet.oracle`` does ``hypernet-oracle``; see ``stages.meta_train.learner_names``)."""
+
+    needs: tuple[str, ...] = ()
+    """Learners whose trained models it may be built from (trained before it, in the same stage run; for
+    ``select``, ``meta_train.select.candidates`` says which). Its trainer then takes them as a fourth
+    argument: ``(data, params, scores, built: dict[str, MetaModel])``."""
 
     def train(self) -> Callable[..., Any]:
         module, function = self.trainer.split(":")
@@ -51,6 +56,8 @@ LEARNERS: dict[str, Learner] = {entry.name: entry for entry in (
     Learner("siamese", f"{_TRAINERS}:train_siamese", "context", "index", "#2ca02c"),
     Learner("reptile", f"{_TRAINERS}:train_reptile", "none", "init", "#9467bd"),
     Learner("multitask", f"{_TRAINERS}:train_multitask", "none", "init", "#ff7f0e"),
+    Learner("select", f"{_TRAINERS}:train_select", "context", "select", "#d62728",
+            needs=("hypernet", "siamese", "multitask")),
 )}
 """Every meta-learner, in the order stages run them and reports show them."""
 

@@ -32,7 +32,11 @@ Measures (per task; the summary gives each split's median, or mean for the score
   (mean generated Q over mean expert Q) and ``gap_ratio`` (median action gap, generated over expert).
 * normalised greedy returns (0 random, 1 expert) of the generated start (``ret_gen``), ``gen_nn``,
   ``expert_phys_nn`` and ``gen_clip``: the generator fed the task's embedding clipped to the training
-  tasks' per-dimension [min, max] (a candidate fix that keeps the generator's input in its region).
+  tasks' per-dimension [min, max] (a candidate fix that keeps the generator's input in its region), and
+  ``gen_gate``: ``gen_nn`` only where the embedding is farther from the training embeddings than any
+  training task is from the others (``embed_nn_ratio`` above the training tasks' largest), else the
+  task's own generated start (``gated``: 1 where it switched). The gate has no parameter and reads no test
+  outcome: it asks whether the embedding left the training region, which is what the diagnosis blames.
 
 Contexts are drawn as meta_test draws them (:func:`~metadqn.evaluation.protocol.contexts` with seed index
 0), one draw for the training splits and one for the test splits, so the test tasks' contexts are exactly
@@ -69,7 +73,7 @@ STATE_SAMPLE = 512
 many per task (at most this) as the task with the fewest has."""
 PROBE_RIDGE = 1e-2
 MEAN_COLUMNS = ("agreement", "agreement_gen_nn", "agreement_expert_phys_nn", "nn_discrete_match", "ret_gen",
-                "ret_gen_nn", "ret_gen_clip", "ret_expert_phys_nn")
+                "ret_gen_nn", "ret_gen_clip", "ret_gen_gate", "gated", "ret_expert_phys_nn")
 """Summarised by their mean (rates and scores); every other measure by its median."""
 
 
@@ -86,6 +90,12 @@ def _nn(dist: Tensor, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _ratio(dist: np.ndarray, train: np.ndarray) -> np.ndarray:
     ref = float(np.median(dist[train]))
     return dist / max(ref, 1e-12)
+
+
+def _gate(ratio: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Where a task's embedding is farther from the training embeddings than any training task's is from
+    the others (so no training task is ever gated)."""
+    return ratio > ratio[train].max()
 
 
 def _ridge_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
@@ -188,12 +198,15 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
         match = (np.all(physics_np[:, discrete] == physics_np[nn_rows][:, discrete], axis=1) if discrete
                  else np.ones(len(ids), bool))
         gen_nn = [gen[r] for r in nn_rows]
+        ratio = _ratio(e_dist, train)
+        gated = _gate(ratio, train)
+        gen_gate = [b if g else a for a, b, g in zip(gen, gen_nn, gated, strict=True)]
         cmp = _compare_q(q_on_states(gen), q_expert)
         cmp_nn = _compare_q(q_on_states(gen_nn), q_expert)
         out.append(pd.DataFrame({
             "model": name, "task_id": ids, "split": tasks["split"].to_numpy(),
             "input_outlier_frac": outlier.numpy(),
-            "embed_nn_ratio": _ratio(e_dist, train),
+            "embed_nn_ratio": ratio,
             "embed_outside_box": ((emb < lo) | (emb > hi)).float().mean(1).numpy(),
             "params_nn_ratio": _ratio(p_dist, train),
             "params_norm_ratio": norms / float(np.median(norms[train])),
@@ -205,6 +218,7 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
             "agreement_gen_nn": cmp_nn["agreement"],
             "agreement_expert_phys_nn": cmp_phys["agreement"],
             "ret_gen": ret(gen), "ret_gen_nn": ret(gen_nn), "ret_gen_clip": ret(gen_clip),
+            "ret_gen_gate": ret(gen_gate), "gated": gated.astype(float),
             "ret_expert_phys_nn": ret_expert_phys,
         }))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()

@@ -59,6 +59,8 @@ DIAGNOSIS_ROWS = (
     ("ret_gen", "return: generated start (mean)"),
     ("ret_gen_nn", "return: generator at the nearest training embedding (mean)"),
     ("ret_gen_clip", "return: generator at the embedding clipped to the training range (mean)"),
+    ("gated", "embedding farther out than any training task's (share of tasks)"),
+    ("ret_gen_gate", "return: nearest training embedding only where farther out, else generated (mean)"),
     ("ret_expert_phys_nn", "return: expert of the physically nearest training task (mean)"),
 )
 """The diagnosis rows the report shows (the CSV has them all), in chain order: input, encoder, generator."""
@@ -255,7 +257,8 @@ def verdict(metrics: Mapping[str, Any], *, threshold: float, confidence: float,
             frozen = ms.get(method + FROZEN_SUFFIX)
             if frozen is not None:
                 lines.append(_frozen_line(name, method, m, frozen, frozen_diffs.get((split, method)), conf))
-        for a, b in (("hypernet", "multitask"), ("hypernet", "siamese")):
+        for a, b in (("hypernet", "multitask"), ("hypernet", "siamese"), ("select", "hypernet"),
+                     ("select", "siamese")):
             if a in ms and b in ms:
                 ma, mb = ms[a], ms[b]
                 sig = _compare(ma, mb, "zero_shot") != 2
@@ -593,10 +596,14 @@ def _markdown(data: _Inputs, params: Params, figs: Mapping[str, Path], out_dir: 
     cfg = params.meta_test
     methods = ordered_methods(data.scores["method"].astype(str).unique())
     siamese = data.meta_train.get("siamese", {})
+    picks = {k.removeprefix("val_picks_"): v for k, v in data.meta_train.get("select", {}).items()
+             if k.startswith("val_picks_")}
+    picked = ("" if not picks else " select's start came from " + ", ".join(
+        f"{name} on {100 * v:.0f}%" for name, v in picks.items()) + " of the validation tasks.")
     text = {
         "Siamese retrieval": (f"Top-1 agreement of the retrieved training task with the best source by "
                               f"cross-evaluation (validation tasks): {_fmt(siamese.get('top1_retrieval'))} vs "
-                              f"{_fmt(siamese.get('random_top1'))} for a random neighbour."),
+                              f"{_fmt(siamese.get('random_top1'))} for a random neighbour.{picked}"),
         "Expert returns": (f"{100 * data.collect['fraction_solved']:.0f}% of experts reach "
                            f"{params.family.family().solved_return:g} (greedy, fresh start states). Every return "
                            "in this report is normalised per task as (R - R_random) / (R_ref - R_random): 0 is "

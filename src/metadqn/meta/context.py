@@ -47,6 +47,15 @@ def features_from_arrays(tr: dict[str, np.ndarray], family: Family) -> np.ndarra
     return np.concatenate([obs, onehot, reward, nxt - obs, term], axis=1)
 
 
+def transitions_from_features(ctx: Tensor, family: Family) -> dict[str, Tensor]:
+    """The inverse of :func:`features_from_arrays` on a batch of contexts [T, C, F]: obs, action (long),
+    reward, next_obs and terminated, each [T, C] or [T, C, obs_dim]."""
+    d, a = family.obs_dim, family.n_actions
+    obs = ctx[..., :d]
+    return {"obs": obs, "action": ctx[..., d:d + a].argmax(-1), "reward": ctx[..., d + a],
+            "next_obs": obs + ctx[..., d + a + 1:2 * d + a + 1], "terminated": ctx[..., -1]}
+
+
 def feature_dim(family: Family) -> int:
     return 2 * family.obs_dim + family.n_actions + 2
 

@@ -58,6 +58,7 @@ class MetaModel:
                        n_tasks: int | None = None) -> list[StateDict]:
         """One QNetwork state_dict per task: context [T, C, F] (hypernet, siamese), physics [T, P] (oracle)."""
         from metadqn.meta.hypernet import HyperQ
+        from metadqn.meta.select import SelectQ
         from metadqn.meta.siamese import SiameseIndex
 
         if isinstance(self.module, HyperQ):
@@ -66,9 +67,9 @@ class MetaModel:
                 need = "physics" if self.config.uses_physics else "context"
                 raise ValueError(f"{self.config.learner} needs a {need} input")
             return self.module.generate(x)
-        if isinstance(self.module, SiameseIndex):
+        if isinstance(self.module, (SiameseIndex, SelectQ)):
             if context is None:
-                raise ValueError("siamese needs a context input")
+                raise ValueError(f"{self.config.learner} needs a context input")
             flat = self.module.init_flat(context)
             return [{k: v.clone() for k, v in unflatten_state_dict(row, self.shapes).items()} for row in flat]
         assert self.theta is not None, "a MetaModel holds a module or theta"
@@ -86,28 +87,39 @@ class MetaModel:
 
     @classmethod
     def load(cls, folder: Path | str) -> MetaModel:
-        from metadqn.meta.hypernet import HyperQ
-        from metadqn.meta.siamese import SiameseIndex
-
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder}: no meta-model here (run `dvc repro meta_train`)")
         cfg = MetaModelConfig(**json.loads((folder / "config.json").read_text()))
         sd = load_state_dict(folder / "model.pt")
-        family = get_family(cfg.family)
         kind = get_learner(cfg.learner).module
         if kind == "init":
             return cls(cfg, theta=sd)
-        encoder_kind = "oracle" if cfg.uses_physics else cfg.encoder
-        in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
-        encoder = ContextEncoder(encoder_kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
-        if kind == "hypernet":
-            module: nn.Module = HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions,
-                                       cfg.q_hidden, base_seed=0)
-        else:
-            n = len(cfg.task_ids)
-            p = sd["expert_flat"].shape[1]
-            module = SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k)
+        module = _build(kind, cfg, sd)
         module.load_state_dict(sd)
         return cls(cfg, module=module.eval())
 
+
+def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
+    """An untrained module of ``kind`` shaped to hold ``sd`` (a saved state_dict)."""
+    from metadqn.meta.hypernet import HyperQ
+    from metadqn.meta.select import SelectQ
+    from metadqn.meta.siamese import SiameseIndex
+
+    family = get_family(cfg.family)
+    if kind == "select":
+        # its parts, under the prefixes SelectQ gives them
+        def part(prefix: str) -> StateDict:
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+        hyper, index = part("hypernet."), part("index.")
+        return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
+                       _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
+                       torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]))
+    encoder_kind = "oracle" if cfg.uses_physics else cfg.encoder
+    in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
+    encoder = ContextEncoder(encoder_kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
+    if kind == "hypernet":
+        return HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, cfg.q_hidden, base_seed=0)
+    n, p = sd["expert_flat"].shape
+    return SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k)

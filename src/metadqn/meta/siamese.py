@@ -66,10 +66,11 @@ class SiameseIndex(nn.Module):
         return torch.linalg.vector_norm(self.encoder(ctx_a) - self.encoder(ctx_b), dim=-1)
 
     @torch.no_grad()
-    def neighbours(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
-        """(distances [T, k], indices [T, k]) of the k nearest training tasks to each context."""
+    def neighbours(self, ctx: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+        """(distances [T, k], indices [T, k]) of the k (default: the index's own k) nearest training tasks to
+        each context, nearest first."""
         d = torch.cdist(self.encoder(ctx), self.embeddings)
-        return d.topk(min(self.k, d.shape[1]), largest=False)
+        return d.topk(min(k or self.k, d.shape[1]), largest=False)
 
     @torch.no_grad()
     def init_flat(self, ctx: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from metadqn.config import Params
 from metadqn.data.io import atomic_path, require_finite, write_json
 from metadqn.data.normalise import ReturnScale
 from metadqn.data.store import TaskStore
-from metadqn.dqn.qnetwork import flatten_state_dict, param_shapes
+from metadqn.dqn.qnetwork import flatten_state_dict, n_params, param_shapes
 from metadqn.learners import get_learner
 from metadqn.meta.context import ContextEncoder, feature_dim
 from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
@@ -134,6 +134,35 @@ def train_multitask(data: MetaData, params: Params, scores: np.ndarray | None = 
     return LearnerResult("multitask", MetaModel(_model_config(params, "multitask", data), theta=theta), {}, curves)
 
 
+def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
+                 built: dict[str, MetaModel]) -> LearnerResult:
+    """Nothing to fit: the TD-error chooser over the starts of ``meta_train.select.candidates`` (trained
+    just before). Its metrics say how often each source was chosen on the validation tasks."""
+    from metadqn.meta.hypernet import HyperQ
+    from metadqn.meta.select import SelectQ
+    from metadqn.meta.siamese import SiameseIndex
+
+    cfg = params.meta_train.select
+    hyper = built["hypernet"].module if "hypernet" in cfg.candidates else None
+    index = built["siamese"].module if "siamese" in cfg.candidates else None
+    assert hyper is None or isinstance(hyper, HyperQ)
+    assert index is None or isinstance(index, SiameseIndex)
+    shapes = param_shapes(data.family.obs_dim, data.family.n_actions, params.dqn.hidden_sizes)
+    fixed_names = [name for name in cfg.candidates if name not in ("hypernet", "siamese")]
+    fixed = torch.zeros(len(fixed_names), n_params(data.family.obs_dim, data.family.n_actions, params.dqn.hidden_sizes))
+    for row, name in zip(fixed, fixed_names, strict=True):
+        row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
+    module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma)
+    ids = list(data.train.tasks["task_id"]) if index is not None else []
+    model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids), module=module.eval())
+    # which source each validation task's start comes from (the contexts val_zero_shot scores)
+    _, pick, _ = module.choose(data.val.contexts.window(1))
+    labels = [fixed_names[int(n[6:])] if n.startswith("fixed-") else n.split("-")[0] for n in module.sources()]
+    picked = [labels[i] for i in pick.tolist()]
+    return LearnerResult("select", model, {f"val_picks_{name}": picked.count(name) / len(picked)
+                                           for name in cfg.candidates})
+
+
 def learner_names(params: Params) -> list[str]:
     """The learners this run trains, in order: those listed, each followed by its variants (the oracle
     hypernet when ``hypernet.oracle``); ``features: oracle`` trains the oracle in the hypernet's place."""
@@ -147,11 +176,14 @@ def learner_names(params: Params) -> list[str]:
     return names
 
 
-def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
+def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray,
+              built: dict[str, MetaModel] | None = None) -> LearnerResult:
     """Trains one learner (its trainer from :data:`metadqn.learners.LEARNERS`) and measures it on the
-    validation tasks."""
+    validation tasks. ``built``: the models already trained, for a learner built from others."""
     start = time.perf_counter()
-    result = get_learner(name).train()(data, params, scores)
+    learner = get_learner(name)
+    result = (learner.train()(data, params, scores, built) if learner.needs else
+              learner.train()(data, params, scores))
     zs = val_zero_shot(result.model, data, params)
     result.metrics = {"val_zero_shot_normalized": float(zs.mean()), "val_zero_shot_min": float(zs.min()),
                       **result.metrics, "wall_s": round(time.perf_counter() - start, 2)}
@@ -184,7 +216,12 @@ def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrai
     cross_eval_s = time.perf_counter() - t0
     log.info("cross-evaluation: %d experts x %d tasks in %.1f s", *returns.shape, cross_eval_s)
 
-    results = map_learners(lambda n: train_one(n, data, params, scores), learner_names(params))
+    names = learner_names(params)
+    results = map_learners(lambda n: train_one(n, data, params, scores),
+                           [n for n in names if not get_learner(n).needs])
+    # learners built from the others' models come after them, in the stage process (they fit nothing)
+    built = {r.name: r.model for r in results}
+    results += [train_one(n, data, params, scores, built) for n in names if get_learner(n).needs]
 
     for r in results:
         r.model.save(out.models / r.name)

@@ -1,0 +1,101 @@
+"""A start chosen from the context (``select``): among other learners' starts for a new task, the one whose
+Q-values best satisfy the task's Bellman equation on the task's own context transitions.
+
+Candidates (``meta_train.select.candidates``): the hypernetwork's generated network, the siamese index's
+``select.k`` nearest training experts (each one a candidate, not their average), and the multitask
+network. Each candidate Q is scored on the C context transitions (s, a, r, s', terminated) by its mean
+squared one-step TD error ``Q(s, a) - (r + gamma (1 - terminated) max_a' Q(s', a'))``, with the dqn
+section's gamma (the discount every candidate was trained with), and the lowest wins.
+
+Why this score. A network trained on a task is close to a fixed point of that task's Bellman operator; on
+another task's transitions, where the same action leads to other next states or terminations (another
+push direction, a heavier pole), it is not. The score needs no training, no labelled data and no
+environment step beyond the context every method already gets, and it cannot extrapolate badly itself:
+it only chooses among networks, so the chosen start is as good as the best candidate it recognises. It
+was chosen over the mean absolute and the relative TD error on validation tasks only (8 validation tasks
+and the 32 training tasks with each one's own expert left out; README, "A start chosen from the context").
+
+Where it can fail: a candidate whose Q-values are flat (all equal) has a small TD error wherever rewards
+are constant, whatever its policy; the hypernetwork's ``value_offset`` puts generated Q-values on the
+experts' scale, so its candidates compete on the same footing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metadqn.dqn.qnetwork import functional_q, param_shapes
+from metadqn.envs.families import Family
+from metadqn.meta.context import transitions_from_features
+from metadqn.meta.hypernet import HyperQ
+from metadqn.meta.siamese import SiameseIndex
+
+
+def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[str, tuple[int, ...]]],
+              gamma: float) -> Tensor:
+    """Mean squared one-step TD error of M candidate networks per task on that task's context: flat
+    [T, M, P], ctx [T, C, F] -> [T, M]."""
+    t, m, p = flat.shape
+    tr = transitions_from_features(ctx, family)
+    obs = torch.cat([tr["obs"], tr["next_obs"]], 1)  # one forward pass for s and s'
+    obs = obs.unsqueeze(1).expand(t, m, *obs.shape[1:]).reshape(t * m, *obs.shape[1:])
+    q = functional_q(flat.reshape(t * m, p), obs, shapes).reshape(t, m, obs.shape[1], -1)
+    c = ctx.shape[1]
+    q_s, q_next = q[:, :, :c], q[:, :, c:]
+    action = tr["action"].unsqueeze(1).expand(t, m, c)
+    q_sa = q_s.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+    target = tr["reward"].unsqueeze(1) + gamma * (1 - tr["terminated"].unsqueeze(1)) * q_next.max(-1).values
+    return ((q_sa - target) ** 2).mean(-1)
+
+
+class SelectQ(nn.Module):
+    """The candidates' sources (a hypernetwork, a retrieval index, fixed networks) and the TD-error chooser."""
+
+    fixed: Tensor  # buffers (register_buffer), declared for the type checker
+    gamma: Tensor
+
+    def __init__(self, family: Family, q_hidden: Sequence[int], hypernet: HyperQ | None, index: SiameseIndex | None,
+                 fixed: Tensor, k: int, gamma: float):
+        super().__init__()
+        self.family = family
+        self.shapes = param_shapes(family.obs_dim, family.n_actions, q_hidden)
+        self.hypernet = hypernet
+        self.index = index
+        self.k = k
+        self.register_buffer("fixed", fixed)
+        """[F, P]: networks that are a candidate for every task (the multitask network), F may be 0."""
+        self.register_buffer("gamma", torch.tensor(float(gamma)))
+
+    def sources(self) -> list[str]:
+        """The name of each candidate column, in :meth:`candidates`' order."""
+        out = ["hypernet"] if self.hypernet is not None else []
+        if self.index is not None:
+            out += [f"siamese-{i}" for i in range(min(self.k, len(self.index.task_ids)))]
+        return out + [f"fixed-{i}" for i in range(self.fixed.shape[0])]
+
+    @torch.no_grad()
+    def candidates(self, ctx: Tensor) -> Tensor:
+        """[T, M, P]: every candidate start of each task, flat."""
+        cols = []
+        if self.hypernet is not None:
+            cols.append(self.hypernet(ctx).unsqueeze(1))
+        if self.index is not None:
+            _, idx = self.index.neighbours(ctx, self.k)
+            cols.append(self.index.expert_flat[idx])
+        if self.fixed.shape[0]:
+            cols.append(self.fixed.unsqueeze(0).expand(ctx.shape[0], *self.fixed.shape))
+        return torch.cat(cols, 1)
+
+    @torch.no_grad()
+    def choose(self, ctx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(chosen flat parameters [T, P], chosen column [T], TD errors [T, M]); ties go to the first column."""
+        flat = self.candidates(ctx)
+        err = td_errors(flat, ctx, self.family, self.shapes, float(self.gamma))
+        pick = err.argmin(1)
+        return flat[torch.arange(len(pick)), pick], pick, err
+
+    def init_flat(self, ctx: Tensor) -> Tensor:
+        return self.choose(ctx)[0]
