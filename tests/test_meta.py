@@ -178,3 +178,36 @@ def test_value_offset_calibration_keeps_the_policy_and_matches_the_expert_level(
         q = net(obs[t]).detach()
         assert torch.equal(q.argmax(-1), q_before[t].argmax(-1))
         assert q.mean().item() == pytest.approx(q_expert[t].mean().item(), abs=0.5)
+
+
+def test_meta_train_jobs_give_the_in_order_result_in_any_order_and_thread_count(tiny_run):
+    """The stage trains each hypernet seed as its own job, in worker processes of one thread; the seeds
+    in reverse order, from a process of another thread count, must give exactly what training them in
+    order gives."""
+    from metadqn.meta.dataset import load_meta_data
+    from metadqn.meta.hypernet import combine_seeds, fit_hypernet
+    from metadqn.stages.meta_train import FitJob, fit_job, learner_names, plan_jobs
+
+    params, store, *_ = tiny_run
+    mt = params.meta_train
+    hn = mt.hypernet.model_copy(update={"n_seeds": 2, "iterations": 60, "eval_interval": 30})
+    params = params.model_copy(update={"meta_train": mt.model_copy(update={"hypernet": hn})})
+    jobs = plan_jobs(params, learner_names(params))
+    assert jobs[:3] == [FitJob("hypernet", 0), FitJob("hypernet", 1), FitJob("hypernet-oracle", 0)]
+    assert {j.learner for j in jobs[3:]} == {"siamese", "reptile", "multitask"} and "select" not in jobs
+
+    data = load_meta_data(store, params)
+    torch.set_num_threads(1)
+    reference = fit_hypernet(data, params)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fits = [fit_job(data, params, np.zeros(0), FitJob("hypernet", s)) for s in (1, 0)]
+        assert torch.get_num_threads() == 2  # the job's one thread is given back
+    finally:
+        torch.set_num_threads(threads)
+    got = combine_seeds(data, params, False, fits)
+    assert got.val_score == reference.val_score and got.seed_scores == reference.seed_scores
+    assert got.curves == reference.curves
+    want = reference.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in got.model.state_dict().items())

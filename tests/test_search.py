@@ -110,3 +110,30 @@ def test_meta_test_uses_the_selection_and_reports_frozen_controls(tiny_run, tmp_
     bad.write_text(json.dumps({"hypernet": {"candidate": "x", "config": {"anchor": "nope"}}}))
     with pytest.raises(SelectionError, match="not a fine-tuning selection"):
         load_selection(bad)
+
+
+def test_chunks_cover_every_slot_once_in_near_equal_runs():
+    from metadqn.evaluation.search import _chunks
+
+    for n, most in [(152, 96), (192, 96), (96, 96), (5, 2), (1, 96)]:
+        runs = _chunks(list(range(n)), most)
+        assert [x for r in runs for x in r] == list(range(n))
+        sizes = [len(r) for r in runs]
+        assert max(sizes) <= most and max(sizes) - min(sizes) <= 1 and len(runs) == -(-n // most)
+
+
+def test_search_runs_are_capped_and_hold_each_slot_once(tiny_run, monkeypatch):
+    from metadqn.evaluation import search
+
+    params, store, meta, _, _ = tiny_run
+    params = _search_params(params)
+    whole = search.plan_search(params, store, meta.models)
+    monkeypatch.setattr(search, "GROUP_SLOTS", 5)
+    split = search.plan_search(params, store, meta.models)
+    assert len(split) > len(whole) and max(len(g.task_ids) for g in split) <= 5
+
+    def slots(groups):
+        return sorted((c, m, t, s) for g in groups
+                      for c, m, t, s in zip(g.candidates, g.methods, g.task_ids, g.seeds, strict=True))
+
+    assert slots(split) == slots(whole) and len(set(slots(split))) == len(slots(split))

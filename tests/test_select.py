@@ -87,7 +87,7 @@ def test_equal_td_errors_go_to_the_first_candidate():
     assert select.choose(_context(2))[1].tolist() == [0, 0]
 
 
-def _select(k: int = 2) -> SelectQ:
+def _select(k: int = 2, fixed_names: tuple[str, ...] = ()) -> SelectQ:
     torch.manual_seed(0)
     hyper = HyperQ(ContextEncoder("deepset", feature_dim(FAMILY), 16, 4), 4, 16, FAMILY.obs_dim, FAMILY.n_actions,
                    HIDDEN, base_seed=3)
@@ -95,13 +95,18 @@ def _select(k: int = 2) -> SelectQ:
     experts = torch.stack([flatten_state_dict(init_state_dict(4, 2, HIDDEN, s), SHAPES) for s in range(5)])
     index = SiameseIndex(ContextEncoder("deepset", feature_dim(FAMILY), 16, 4), torch.randn(5, 4), experts,
                          [f"train-{i:03d}" for i in range(5)], k=1)
-    return SelectQ(FAMILY, HIDDEN, hyper, index, _constant(2.0).unsqueeze(0), k=k, gamma=0.99)
+    return SelectQ(FAMILY, HIDDEN, hyper, index, _constant(2.0).unsqueeze(0), k=k, gamma=0.99, fixed_names=fixed_names)
 
 
 def test_candidates_are_the_generated_network_the_k_nearest_experts_and_the_fixed_ones():
     select, ctx = _select(k=2), _context(4)
     flat = select.candidates(ctx)
     assert select.sources() == ["hypernet", "siamese-0", "siamese-1", "fixed-0"]
+    named = _select(k=2, fixed_names=("multitask",))
+    assert named.sources() == ["hypernet", "siamese-0", "siamese-1", "multitask"]
+    assert named.source_learners() == ["hypernet", "siamese", "siamese", "multitask"]
+    with pytest.raises(ValueError, match="2 names for 1 fixed"):
+        _select(fixed_names=("multitask", "reptile"))
     assert flat.shape == (4, 4, P)
     with torch.no_grad():
         torch.testing.assert_close(flat[:, 0], select.hypernet(ctx))
@@ -111,9 +116,9 @@ def test_candidates_are_the_generated_network_the_k_nearest_experts_and_the_fixe
 
 
 def test_a_saved_select_model_loads_and_chooses_the_same_starts(tmp_path):
-    select, ctx = _select(), _context(4)
+    select, ctx = _select(fixed_names=("reptile",)), _context(4)
     cfg = MetaModelConfig(learner="select", family=FAMILY.name, q_hidden=HIDDEN, context_size=12, embed_dim=4,
-                          encoder_hidden=16, hidden=16, k=2, task_ids=select.index.task_ids)
+                          encoder_hidden=16, hidden=16, k=2, task_ids=select.index.task_ids, fixed_names=["reptile"])
     MetaModel(cfg, module=select.eval()).save(tmp_path / "select")
     loaded = MetaModel.load(tmp_path / "select")
     assert isinstance(loaded.module, SelectQ) and loaded.module.sources() == select.sources()

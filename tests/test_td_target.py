@@ -1,9 +1,9 @@
 """The (double-)DQN TD target and loss of ``metadqn.dqn.trainer.td_loss``, on hand-computed tabular examples.
 
-The target ``y = r + gamma * (1 - terminated) * Q_target(s', a*)`` is computed inside ``td_loss`` (there is no
-separate target function), so it is checked through the loss: with one transition per slot, slot k's loss
-is exactly ``huber(Q_online(s_k, a_k) - y_k)``. The networks are linear with no hidden layer and one-hot
-observations, so each one is a Q-table that the test writes by hand.
+The target ``y = r + gamma * (1 - terminated) * Q_target(s', a*)`` is computed inside ``td_loss`` (by
+``bellman_target``, tested alone at the end), so it is checked through the loss: with one transition per
+slot, slot k's loss is exactly ``huber(Q_online(s_k, a_k) - y_k)``. The networks are linear with no hidden
+layer and one-hot observations, so each one is a Q-table that the test writes by hand.
 
 Truncation has no field of its own in a ``ReplayBatch``: a time-limit truncation is stored with
 ``terminated = 0`` (the trainer writes the env's ``terminated`` flag only), so it bootstraps like a
@@ -119,3 +119,11 @@ def test_the_trainer_stores_time_limit_truncations_as_non_terminal():
     assert not rep["terminated"].any()
     assert (rep["step"][rep["truncated"]] == limit - 1).all()
     assert len(rep["obs"]) == cfg.total_steps - 2 * 2  # the 4 autoreset steps (weight 0) are not exported
+
+
+def test_bellman_target_bootstraps_unless_terminated():
+    from metadqn.dqn.trainer import bellman_target
+
+    y = bellman_target(torch.tensor([1.0, 1.0, -2.0]), torch.tensor([0.0, 1.0, 0.0]), torch.tensor([4.0, 4.0, 6.0]),
+                       GAMMA)
+    torch.testing.assert_close(y, torch.tensor([1.0 + GAMMA * 4.0, 1.0, -2.0 + GAMMA * 6.0]))

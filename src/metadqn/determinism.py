@@ -33,7 +33,9 @@ use numpy, not ``math``), and a different build of any dependency (``constraints
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from metadqn.errors import UserError
 
@@ -114,3 +116,22 @@ def check_pinned() -> None:
         raise NotPinned(
             "numpy runs its AVX-512 kernels: it was loaded before metadqn set NPY_DISABLE_CPU_FEATURES; "
             f"import metadqn first, or set {NATIVE_ENV}=1 to accept machine-specific results")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread inside the block (the previous count restored after).
+
+    For the computations whose bits depend on the thread count: the hypernetwork's output layer (256 x ~4.7k)
+    is large enough that MKL splits its products across threads, so a hypernet seed trained in a worker of
+    one thread and in a stage process of two gave different networks (measured: validation 0.748 vs 0.763 on
+    the same seed). The DQN-sized networks are computed on one thread either way (``tests/test_fanout.py``).
+    Inside this block a job gives the same bytes whatever runner runs it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -57,7 +57,7 @@ LEARNERS: dict[str, Learner] = {entry.name: entry for entry in (
     Learner("reptile", f"{_TRAINERS}:train_reptile", "none", "init", "#9467bd"),
     Learner("multitask", f"{_TRAINERS}:train_multitask", "none", "init", "#ff7f0e"),
     Learner("select", f"{_TRAINERS}:train_select", "context", "select", "#d62728",
-            needs=("hypernet", "siamese", "multitask")),
+            needs=("hypernet", "siamese", "reptile", "multitask")),
 )}
 """Every meta-learner, in the order stages run them and reports show them."""
 

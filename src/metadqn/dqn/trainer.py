@@ -73,6 +73,15 @@ def linear_learning_rate(cfg: DQNConfig, step: int) -> float:
     return cfg.learning_rate + frac * (cfg.learning_rate_end - cfg.learning_rate)
 
 
+def bellman_target(reward: torch.Tensor, terminated: torch.Tensor, q_next: torch.Tensor,
+                   gamma: float) -> torch.Tensor:
+    """The one-step target ``r + gamma * (1 - terminated) * q_next``, elementwise. ``q_next`` is the
+    bootstrap value of s' (max, or the double-DQN choice); a truncated step has ``terminated = 0``, so it
+    bootstraps. Every TD formula of the package uses this: the trainer's loss, the hypernet's TD loss and
+    select's score."""
+    return reward + gamma * (1.0 - terminated) * q_next
+
+
 def td_loss(online: BatchedQNetwork, target: BatchedQNetwork, batch: ReplayBatch, gamma: float,
             double_dqn: bool, q_all: torch.Tensor | None = None) -> torch.Tensor:
     """Per-slot Huber TD loss, [K]; masked transitions (weight 0) do not count. ``q_all`` is
@@ -84,7 +93,7 @@ def td_loss(online: BatchedQNetwork, target: BatchedQNetwork, batch: ReplayBatch
             q_next = q_next_target.gather(-1, best).squeeze(-1)
         else:
             q_next = q_next_target.max(-1).values
-        y = batch.rewards + gamma * (1.0 - batch.terminated) * q_next
+        y = bellman_target(batch.rewards, batch.terminated, q_next, gamma)
     q_all = online(batch.obs) if q_all is None else q_all
     q = q_all.gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
     per = F.smooth_l1_loss(q, y, reduction="none") * batch.weights

@@ -15,14 +15,16 @@ validation splits (a read of a test task raises ``LeakageError``), and its conte
 Groups. Candidates that differ only in per-slot levers (start_epsilon, the anchor's weights, the protected
 share, shrink; see :mod:`metadqn.dqn.levers`) train together in one batched run of every (candidate,
 method, validation task, seed) slot, because a batched run's per-step overhead is paid once for all its
-slots: the default seven candidates train as two runs instead of seven (measured on 2 cores, one seed per
-task: 191 s instead of 292 s). Each slot's result is still that of its own configuration; the random draws of a slot
+slots: the default seven candidates train as two sets instead of seven (measured on 2 cores, one seed per
+task: 191 s instead of 292 s), each set split into runs of at most :data:`GROUP_SLOTS` slots so that two
+workers share the work evenly. Each slot's result is still that of its own configuration; the random draws of a slot
 depend on its place in the run, so candidates are not compared under common random numbers.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -71,8 +73,9 @@ def searched_methods(params: Params, models: Path) -> list[str]:
 
 
 def plan_search(params: Params, store: TaskStore, models: Path) -> list[ProtocolGroup]:
-    """One group per set of candidates that can share a batched run (same optimisation, see the module
-    docstring), in the order of meta_test.search.candidates."""
+    """The batched runs: the slots of each set of candidates that can share a run (same optimisation, see
+    the module docstring), in the order of meta_test.search.candidates, split into runs of at most
+    :data:`GROUP_SLOTS` slots."""
     family = params.family.family()
     search = params.meta_test.search
     tasks = store.tasks(SEARCH_SPLIT)
@@ -88,17 +91,40 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> list[Protocol
     n = len(tasks)
     groups = []
     for names in batches.values():
-        slots = [(c, m, s, t) for c in names for m in (["scratch"] if c == SCRATCH_REFERENCE else methods)
+        every = [(c, m, s, t) for c in names for m in (["scratch"] if c == SCRATCH_REFERENCE else methods)
                  for s in range(search.seeds) for t in range(n)]
-        task_ids = [str(tasks["task_id"].iloc[t]) for _, _, _, t in slots]
-        seeds = [s for _, _, s, _ in slots]
-        groups.append(ProtocolGroup(
-            method="+".join(names), task_ids=task_ids, seeds=seeds, tasks=matrix[[t for *_, t in slots]],
-            init=[init[m][s * n + t] for _, m, s, t in slots], prefill=[prefill[s * n + t] for _, _, s, t in slots],
-            seed=group_seed(search.seed, task_ids, seeds), cfg=finetune_config(params, configs[names[0]]),
-            finetune=[configs[c] for c, *_ in slots], candidate="+".join(names),
-            methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots]))
+        for slots in _chunks(every, GROUP_SLOTS):
+            groups.append(_search_group(slots, names, configs, init, prefill, matrix, tasks, params))
     return groups
+
+
+GROUP_SLOTS = 96
+"""The most slots one batched run of the search holds; a larger set of candidates sharing their optimisation
+is split into near-equal runs. Why: the default plan is 152 slots of 128-gradient-step candidates and 192 of
+32-step ones; as two runs on two workers the first was the critical path (the search took 382 s), as four
+runs of <= 96 slots each worker gets about half of each (measured in the README's timing table)."""
+
+
+def _chunks(slots: list[Any], most: int) -> list[list[Any]]:
+    """``slots`` in ceil(len / most) contiguous runs whose sizes differ by at most one."""
+    k = -(-len(slots) // most)
+    size, extra = divmod(len(slots), k)
+    bounds = [i * size + min(i, extra) for i in range(k + 1)]
+    return [slots[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _search_group(slots: list[tuple[str, str, int, int]], names: list[str], configs: dict[str, FinetuneConfig],
+                  init: dict[str, list[Any]], prefill: list[Any], matrix: Any, tasks: pd.DataFrame,
+                  params: Params) -> ProtocolGroup:
+    search, n = params.meta_test.search, len(tasks)
+    task_ids = [str(tasks["task_id"].iloc[t]) for _, _, _, t in slots]
+    seeds = [s for _, _, s, _ in slots]
+    return ProtocolGroup(
+        method="+".join(names), task_ids=task_ids, seeds=seeds, tasks=matrix[[t for *_, t in slots]],
+        init=[init[m][s * n + t] for _, m, s, t in slots], prefill=[prefill[s * n + t] for _, _, s, t in slots],
+        seed=group_seed(search.seed, task_ids, seeds), cfg=finetune_config(params, configs[names[0]]),
+        finetune=[configs[c] for c, *_ in slots], candidate="+".join(names),
+        methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots])
 
 
 def run_search(params: Params, store: TaskStore, models: Path,

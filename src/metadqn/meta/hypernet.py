@@ -41,7 +41,7 @@ from metadqn.dqn.qnetwork import (
     param_shapes,
     unflatten_state_dict,
 )
-from metadqn.dqn.trainer import update_target
+from metadqn.dqn.trainer import bellman_target, update_target
 from metadqn.meta.context import ContextEncoder
 from metadqn.seeding import derive_seed
 
@@ -151,7 +151,7 @@ def td_loss_generated(model: HyperQ, target: HyperQ, flat: Tensor, target_input:
     with torch.no_grad():
         target_flat = target(target_input)
         q_next = target.q_values(target_flat, next_obs).max(-1).values
-        y = rewards + gamma * (1.0 - terminated) * q_next
+        y = bellman_target(rewards, terminated, q_next, gamma)
     q = model.q_values(flat, obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     return F.smooth_l1_loss(q, y)
 
@@ -222,75 +222,130 @@ def _dagger_pool(family: Family, tasks: np.ndarray, policy_net: BatchedQNetwork,
     return dagger_obs, pool
 
 
-def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
-    """Trains ``n_seeds`` hypernetworks on the training tasks; keeps the best on validation zero-shot."""
+@dataclass
+class SeedFit:
+    """One seed's training (:func:`fit_hypernet_seed`): its best checkpoint on validation zero-shot."""
+
+    seed: int
+    """The seed's index (0 .. n_seeds - 1)."""
+    score: float
+    """Its best validation zero-shot score (-inf if every evaluation was NaN)."""
+    state: dict[str, Tensor] | None
+    """The state_dict of its first checkpoint at that score (None if there is none)."""
+    curves: list[tuple[str, int, float]]
+    wall_s: float = 0.0
+
+
+def n_seeds(cfg: HypernetConfig, oracle: bool) -> int:
+    """How many independent seeds a hypernet trains (the oracle has its own count)."""
+    return cfg.oracle_seeds if oracle else cfg.n_seeds
+
+
+def _base_pool(data, hidden: list[int]) -> StatePool:
+    from metadqn.meta.dataset import expert_q
+
+    base_q = expert_q(data.family, data.experts, hidden, data.states)
+    return StatePool.from_lists(data.states, base_q, max(len(s) for s in data.states))
+
+
+def fit_hypernet_seed(data, params, oracle: bool, s: int) -> SeedFit:
+    """Trains the hypernetwork of seed ``s``; keeps its best checkpoint on validation zero-shot.
+
+    Seeds are independent (each starts from its own torch seed and generator) and train on one thread
+    (:func:`metadqn.determinism.one_thread`), so they may train in any order, in this process or in
+    workers: :func:`combine_seeds` gives the same model either way."""
+    from metadqn.determinism import one_thread
+
+    with one_thread():
+        return _fit_seed(data, params, oracle, s)
+
+
+def _fit_seed(data, params, oracle: bool, s: int) -> SeedFit:
+    import time
+
     from metadqn.dqn.trainer import configure_torch, make_optimizer
     from metadqn.meta.context import feature_dim
-    from metadqn.meta.dataset import batched, expert_q, greedy_returns
+    from metadqn.meta.dataset import batched, greedy_returns
 
+    start = time.perf_counter()
     mt, cfg, dqn, family = params.meta_train, params.meta_train.hypernet, params.dqn, data.family
     configure_torch()
     hidden = dqn.hidden_sizes
-    base_q = expert_q(family, data.experts, hidden, data.states)
-    base = StatePool.from_lists(data.states, base_q, max(len(s) for s in data.states))
+    base = _base_pool(data, hidden)
     experts_net = batched(family, data.experts, hidden)
     name = "hypernet-oracle" if oracle else "hypernet"
     in_dim = data.train.physics.shape[1] if oracle else feature_dim(family)
-    all_feats = torch.cat(data.train.contexts.features)
     curves: list[tuple[str, int, float]] = []
-    best: tuple[float, dict | None] = (-np.inf, None)
-    seed_scores = []
     val_input = data.val.physics if oracle else data.val.contexts.first()
 
-    for s in range(cfg.oracle_seeds if oracle else cfg.n_seeds):
-        seed = derive_seed(mt.seed, s, int(oracle))
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        encoder = ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim)
-        if not oracle:
-            encoder.scale.fit(all_feats)
-        model = HyperQ(encoder, mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, seed)
-        target = clone_frozen(model)
-        opt = make_optimizer(list(model.parameters()), cfg.learning_rate)
-        dagger_obs: list[np.ndarray] = [np.zeros((0, family.obs_dim), np.float32) for _ in data.experts]
-        dagger: StatePool | None = None
-        seed_best = -np.inf
+    seed = derive_seed(mt.seed, s, int(oracle))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    encoder = ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim)
+    if not oracle:
+        encoder.scale.fit(torch.cat(data.train.contexts.features))
+    model = HyperQ(encoder, mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, seed)
+    target = clone_frozen(model)
+    opt = make_optimizer(list(model.parameters()), cfg.learning_rate)
+    dagger_obs: list[np.ndarray] = [np.zeros((0, family.obs_dim), np.float32) for _ in data.experts]
+    dagger: StatePool | None = None
+    best: tuple[float, dict[str, Tensor] | None] = (-np.inf, None)
 
-        def task_input(gen: torch.Generator = gen) -> Tensor:
-            return data.train.physics if oracle else data.train.contexts.sample(gen)
+    def task_input() -> Tensor:
+        return data.train.physics if oracle else data.train.contexts.sample(gen)
 
-        for it in range(1, cfg.iterations + 1):
-            kl, qh, td = _train_step(model, target, opt, task_input(), base, dagger, data.transitions, cfg,
-                                     dqn.gamma, gen)
-            if it % 50 == 0:
-                curves += [(f"{name}/seed{s}/kl", it, kl.item()), (f"{name}/seed{s}/q_huber", it, qh.item()),
-                           (f"{name}/seed{s}/td", it, td.item())]
+    for it in range(1, cfg.iterations + 1):
+        kl, qh, td = _train_step(model, target, opt, task_input(), base, dagger, data.transitions, cfg,
+                                 dqn.gamma, gen)
+        if it % 50 == 0:
+            curves += [(f"{name}/seed{s}/kl", it, kl.item()), (f"{name}/seed{s}/q_huber", it, qh.item()),
+                       (f"{name}/seed{s}/td", it, td.item())]
 
-            if cfg.dagger_steps and it % cfg.dagger_interval == 0:
-                gen_net = batched(family, model.generate(task_input()), hidden)
-                dagger_obs, dagger = _dagger_pool(family, data.train.matrix, gen_net, experts_net, dagger_obs, cfg,
-                                                  int(rng.integers(2**31)))
+        if cfg.dagger_steps and it % cfg.dagger_interval == 0:
+            gen_net = batched(family, model.generate(task_input()), hidden)
+            dagger_obs, dagger = _dagger_pool(family, data.train.matrix, gen_net, experts_net, dagger_obs, cfg,
+                                              int(rng.integers(2**31)))
 
-            if it % cfg.eval_interval == 0 or it == cfg.iterations:
-                returns = greedy_returns(family, data.val.matrix, model.generate(val_input), hidden,
-                                         mt.eval_episodes, seed)
-                score = float(np.mean(data.val.scale(returns)))
-                curves.append((f"{name}/seed{s}/val_zero_shot_normalized", it, score))
-                if score > seed_best:
-                    seed_best = score
-                if score > best[0]:
-                    best = (score, copy.deepcopy(model.state_dict()))
-                log.info("%s seed %d step %d: kl %.4f q %.3f td %.3f val zero-shot %.3f", name, s, it, kl.item(),
-                         qh.item(), td.item(), score)
-        seed_scores.append(seed_best)
+        if it % cfg.eval_interval == 0 or it == cfg.iterations:
+            returns = greedy_returns(family, data.val.matrix, model.generate(val_input), hidden,
+                                     mt.eval_episodes, seed)
+            score = float(np.mean(data.val.scale(returns)))
+            curves.append((f"{name}/seed{s}/val_zero_shot_normalized", it, score))
+            if score > best[0]:  # the first checkpoint at the best score (NaN never wins)
+                best = (score, copy.deepcopy(model.state_dict()))
+            log.info("%s seed %d step %d: kl %.4f q %.3f td %.3f val zero-shot %.3f", name, s, it, kl.item(),
+                     qh.item(), td.item(), score)
+    return SeedFit(s, best[0], best[1], curves, time.perf_counter() - start)
 
+
+def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit]) -> FitResult:
+    """The best seed's checkpoint (ties: the lowest seed), with the value offset calibrated on the
+    training tasks; curves in seed order."""
+    from metadqn.meta.context import feature_dim
+
+    mt, cfg, family = params.meta_train, params.meta_train.hypernet, data.family
+    name = "hypernet-oracle" if oracle else "hypernet"
+    fits = sorted(fits, key=lambda f: f.seed)
+    if [f.seed for f in fits] != list(range(n_seeds(cfg, oracle))):
+        raise ValueError(f"{name}: seed fits {[f.seed for f in fits]} are not seeds 0..{n_seeds(cfg, oracle) - 1}")
+    winner = max((f for f in fits if f.state is not None), key=lambda f: f.score, default=None)
+    assert winner is not None and winner.state is not None, f"{name}: no validation score above -inf (all NaN?)"
+    # max() keeps the first of equal scores: the lowest seed, as training the seeds in order would
+    in_dim = data.train.physics.shape[1] if oracle else feature_dim(family)
     final = HyperQ(ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim),
-                   mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, 0)
-    assert best[1] is not None, f"{name}: no validation score above -inf (all NaN?)"
-    final.load_state_dict(best[1])
+                   mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, params.dqn.hidden_sizes, 0)
+    final.load_state_dict(winner.state)
+    base = _base_pool(data, params.dqn.hidden_sizes)
     gen = torch.Generator().manual_seed(mt.seed)
     obs, q = base.sample(cfg.batch_states, gen)
     offset = calibrate_value_offset(final, data.train.physics if oracle else data.train.contexts.sample(gen), obs, q)
     log.info("%s: value offset %.2f added to the generated output biases", name, offset)
-    return FitResult(final.eval(), best[0], curves, seed_scores)
+    return FitResult(final.eval(), winner.score, [c for f in fits for c in f.curves], [f.score for f in fits])
+
+
+def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
+    """Trains ``n_seeds`` hypernetworks on the training tasks, one after another; keeps the best on
+    validation zero-shot. The meta_train stage trains the seeds in parallel instead (same result)."""
+    return combine_seeds(data, params, oracle, [fit_hypernet_seed(data, params, oracle, s)
+                                                for s in range(n_seeds(params.meta_train.hypernet, oracle))])

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from metadqn.dqn.qnetwork import functional_q, param_shapes
+from metadqn.dqn.trainer import bellman_target
 from metadqn.envs.families import Family
 from metadqn.meta.context import transitions_from_features
 from metadqn.meta.hypernet import HyperQ
@@ -47,7 +48,7 @@ def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[
     q_s, q_next = q[:, :, :c], q[:, :, c:]
     action = tr["action"].unsqueeze(1).expand(t, m, c)
     q_sa = q_s.gather(-1, action.unsqueeze(-1)).squeeze(-1)
-    target = tr["reward"].unsqueeze(1) + gamma * (1 - tr["terminated"].unsqueeze(1)) * q_next.max(-1).values
+    target = bellman_target(tr["reward"].unsqueeze(1), tr["terminated"].unsqueeze(1), q_next.max(-1).values, gamma)
     return ((q_sa - target) ** 2).mean(-1)
 
 
@@ -58,8 +59,12 @@ class SelectQ(nn.Module):
     gamma: Tensor
 
     def __init__(self, family: Family, q_hidden: Sequence[int], hypernet: HyperQ | None, index: SiameseIndex | None,
-                 fixed: Tensor, k: int, gamma: float):
+                 fixed: Tensor, k: int, gamma: float, fixed_names: Sequence[str] = ()):
         super().__init__()
+        if fixed_names and len(fixed_names) != fixed.shape[0]:
+            raise ValueError(f"{len(fixed_names)} names for {fixed.shape[0]} fixed networks")
+        self.fixed_names = list(fixed_names) or [f"fixed-{i}" for i in range(fixed.shape[0])]
+        """The learner each fixed network comes from (e.g. multitask), in row order."""
         self.family = family
         self.shapes = param_shapes(family.obs_dim, family.n_actions, q_hidden)
         self.hypernet = hypernet
@@ -70,11 +75,16 @@ class SelectQ(nn.Module):
         self.register_buffer("gamma", torch.tensor(float(gamma)))
 
     def sources(self) -> list[str]:
-        """The name of each candidate column, in :meth:`candidates`' order."""
+        """The name of each candidate column, in :meth:`candidates`' order: ``hypernet``, ``siamese-<i>``
+        (the i-th nearest expert), then the fixed networks' learners."""
         out = ["hypernet"] if self.hypernet is not None else []
         if self.index is not None:
             out += [f"siamese-{i}" for i in range(min(self.k, len(self.index.task_ids)))]
-        return out + [f"fixed-{i}" for i in range(self.fixed.shape[0])]
+        return out + self.fixed_names
+
+    def source_learners(self) -> list[str]:
+        """The learner each candidate column comes from (every nearest expert counts as ``siamese``)."""
+        return ["siamese" if s.startswith("siamese-") else s for s in self.sources()]
 
     @torch.no_grad()
     def candidates(self, ctx: Tensor) -> Tensor:

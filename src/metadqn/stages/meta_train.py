@@ -2,8 +2,10 @@
 
 Reads only train and validation data, through a split-checked :class:`~metadqn.data.store.TaskStore`
 (validation only selects checkpoints and reports). Computes the cross-evaluation matrix (each training
-expert's greedy return on each training and validation task), trains the learners one after another
-(deterministic: they share torch's global RNG for module initialisation), and writes per learner
+expert's greedy return on each training and validation task), trains the learners as independent jobs
+(:func:`plan_jobs`: one per learner, one per hypernet seed) wherever ``map_groups`` runs them (the flow:
+the runner's worker processes; every job seeds torch itself, so the runner never changes a result), builds
+the learners made from the others' models (``select``) in the stage process, and writes per learner
 ``models/meta/<learner>/`` plus ``reports/meta_train/metrics.json``:
 ``{"<learner>": {"val_zero_shot_normalized": float, ...}}``, where the zero-shot figure
 is the mean over validation tasks of return / the task's expert return, measured on contexts and start
@@ -12,9 +14,9 @@ states that no selection has seen.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from metadqn.data.io import atomic_path, require_finite, write_json
 from metadqn.data.normalise import ReturnScale
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, n_params, param_shapes
+from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.learners import get_learner
 from metadqn.meta.context import ContextEncoder, feature_dim
 from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
@@ -77,19 +80,23 @@ def val_zero_shot(model: MetaModel, data: MetaData, params: Params) -> np.ndarra
 
 def train_hypernet(data: MetaData, params: Params, scores: np.ndarray | None = None,
                    oracle: bool = False) -> LearnerResult:
+    """Every seed one after another (the stage trains them as separate jobs: :func:`plan_jobs`)."""
     from metadqn.meta.hypernet import fit_hypernet
 
+    return _hypernet_result(data, params, fit_hypernet(data, params, oracle=oracle), oracle)
+
+
+def train_hypernet_oracle(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
+    return train_hypernet(data, params, scores, oracle=True)
+
+
+def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool) -> LearnerResult:
     name = "hypernet-oracle" if oracle else "hypernet"
-    fit = fit_hypernet(data, params, oracle=oracle)
     model = MetaModel(_model_config(params, name, data, encoder="oracle" if oracle else params.meta_train.encoder),
                       module=fit.model)
     return LearnerResult(name, model, {"val_selection_score": fit.val_score,
                                        **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)}},
                          fit.curves)
-
-
-def train_hypernet_oracle(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
-    return train_hypernet(data, params, scores, oracle=True)
 
 
 def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
@@ -152,12 +159,13 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     fixed = torch.zeros(len(fixed_names), n_params(data.family.obs_dim, data.family.n_actions, params.dqn.hidden_sizes))
     for row, name in zip(fixed, fixed_names, strict=True):
         row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
-    module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma)
+    module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names)
     ids = list(data.train.tasks["task_id"]) if index is not None else []
-    model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids), module=module.eval())
-    # which source each validation task's start comes from (the contexts val_zero_shot scores)
+    model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names),
+                      module=module.eval())
+    # which learner each validation task's start comes from (the contexts val_zero_shot scores)
     _, pick, _ = module.choose(data.val.contexts.window(1))
-    labels = [fixed_names[int(n[6:])] if n.startswith("fixed-") else n.split("-")[0] for n in module.sources()]
+    labels = module.source_learners()
     picked = [labels[i] for i in pick.tolist()]
     return LearnerResult("select", model, {f"val_picks_{name}": picked.count(name) / len(picked)
                                            for name in cfg.candidates})
@@ -184,22 +192,83 @@ def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray,
     learner = get_learner(name)
     result = (learner.train()(data, params, scores, built) if learner.needs else
               learner.train()(data, params, scores))
+    return _measured(result, data, params, time.perf_counter() - start)
+
+
+def _measured(result: LearnerResult, data: MetaData, params: Params, wall_s: float) -> LearnerResult:
+    """Adds the validation zero-shot figures (and the training time, which goes to MLflow only)."""
     zs = val_zero_shot(result.model, data, params)
     result.metrics = {"val_zero_shot_normalized": float(zs.mean()), "val_zero_shot_min": float(zs.min()),
-                      **result.metrics, "wall_s": round(time.perf_counter() - start, 2)}
-    log.info("%s: validation zero-shot %.3f (normalised), %.0f s", name, zs.mean(), result.metrics["wall_s"])
+                      **result.metrics, "wall_s": round(wall_s, 2)}
+    log.info("%s: validation zero-shot %.3f (normalised), %.0f s", result.name, zs.mean(), wall_s)
     return result
 
 
-LearnerMapper = Callable[[Callable[[str], LearnerResult], list[str]], list[LearnerResult]]
+HYPERNETS = {"hypernet": False, "hypernet-oracle": True}
+"""The learners whose seeds train as separate jobs (name -> oracle)."""
 
 
-def run_sequentially(fn: Callable[[str], LearnerResult], names: list[str]) -> list[LearnerResult]:
-    return [fn(n) for n in names]
+@dataclass(frozen=True)
+class FitJob:
+    """One independent piece of meta-training: a learner, or one seed of a hypernet (its seeds are
+    independent, each from its own torch seed: :func:`metadqn.meta.hypernet.fit_hypernet_seed`)."""
+
+    learner: str
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Its name in logs and the Prefect UI."""
+        return self.learner if self.seed is None else f"{self.learner} seed {self.seed}"
+
+
+def plan_jobs(params: Params, names: list[str]) -> list[FitJob]:
+    """The jobs of the learners that fit something (not those built from others), hypernet seeds first:
+    they are the longest, so two workers that take jobs in this order finish at about the same time."""
+    from metadqn.meta.hypernet import n_seeds
+
+    seeds = [FitJob(n, s) for n in names if n in HYPERNETS
+             for s in range(n_seeds(params.meta_train.hypernet, HYPERNETS[n]))]
+    return seeds + [FitJob(n) for n in names if n not in HYPERNETS and not get_learner(n).needs]
+
+
+def fit_job(data: MetaData, params: Params, scores: np.ndarray, job: FitJob) -> Any:
+    """One job, wherever the runner puts it: a hypernet seed's :class:`~metadqn.meta.hypernet.SeedFit`, or
+    a whole learner's measured :class:`LearnerResult`. Every learner seeds torch itself, so a job's result
+    does not depend on which jobs ran before it in the same process."""
+    if job.seed is not None:
+        from metadqn.meta.hypernet import fit_hypernet_seed
+
+        return fit_hypernet_seed(data, params, HYPERNETS[job.learner], job.seed)
+    return train_one(job.learner, data, params, scores)
+
+
+def assemble(names: list[str], jobs: list[FitJob], outputs: list[Any], data: MetaData, params: Params,
+             scores: np.ndarray) -> list[LearnerResult]:
+    """Every learner's result in ``names`` order: hypernets from their seeds' fits, learners built from
+    others last (in this process: they fit nothing), the rest as their job returned them."""
+    from metadqn.meta.hypernet import combine_seeds
+
+    done = dict(zip(jobs, outputs, strict=True))
+    results: dict[str, LearnerResult] = {}
+    for name in names:
+        if name in HYPERNETS:
+            start = time.perf_counter()
+            fits = [out for job, out in done.items() if job.learner == name]
+            fit = combine_seeds(data, params, HYPERNETS[name], fits)
+            wall_s = sum(f.wall_s for f in fits) + time.perf_counter() - start
+            results[name] = _measured(_hypernet_result(data, params, fit, HYPERNETS[name]), data, params, wall_s)
+        elif not get_learner(name).needs:
+            results[name] = done[FitJob(name)]
+    built = {n: r.model for n, r in results.items()}
+    for name in names:
+        if get_learner(name).needs:
+            results[name] = train_one(name, data, params, scores, built)
+    return [results[n] for n in names]
 
 
 def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrainOutputs = MetaTrainOutputs(),
-                   map_learners: LearnerMapper = run_sequentially,
+                   map_groups: GroupMapper = run_in_process,
                    tags: dict[str, str] | None = None) -> dict[str, Any]:
     from metadqn.meta.siamese import cross_evaluation, normalised_scores
     from metadqn.tracking.runs import stage_run
@@ -217,11 +286,10 @@ def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrai
     log.info("cross-evaluation: %d experts x %d tasks in %.1f s", *returns.shape, cross_eval_s)
 
     names = learner_names(params)
-    results = map_learners(lambda n: train_one(n, data, params, scores),
-                           [n for n in names if not get_learner(n).needs])
-    # learners built from the others' models come after them, in the stage process (they fit nothing)
-    built = {r.name: r.model for r in results}
-    results += [train_one(n, data, params, scores, built) for n in names if get_learner(n).needs]
+    jobs = plan_jobs(params, names)
+    log.info("meta-train: %d learner(s) as %d job(s): %s", len(names), len(jobs), ", ".join(j.label for j in jobs))
+    outputs = map_groups(functools.partial(fit_job, data, params, scores), jobs)
+    results = assemble(names, jobs, outputs, data, params, scores)
 
     for r in results:
         r.model.save(out.models / r.name)
