@@ -118,3 +118,19 @@ def test_task_bootstrap_resamples_tasks():
     # tasks that agree give a zero-width interval whatever their runs' spread
     assert task_bootstrap_iqm_ci(np.array([0.2, 0.8, 0.2, 0.8]), ["a", "a", "b", "b"], n_resamples=200)[1:] == \
         pytest.approx((0.5, 0.5))
+
+
+def test_task_bootstrap_gives_the_same_interval_with_equal_and_unequal_runs_per_task():
+    """The equal-runs path resamples every task set at once; it must give what one IQM per resample gives."""
+    from metadqn.evaluation.metrics import iqm, task_bootstrap_iqm_ci
+
+    rng = np.random.default_rng(4)
+    values, tasks = rng.random(24), np.repeat(np.arange(8), 3)
+    groups = [values[tasks == t] for t in range(8)]
+    picks = np.random.default_rng(7).integers(0, 8, size=(300, 8))
+    ref = np.array([iqm(np.concatenate([groups[i] for i in row])) for row in picks])
+    want = (float(iqm(values)), float(np.quantile(ref, 0.05)), float(np.quantile(ref, 0.95)))
+    assert task_bootstrap_iqm_ci(values, tasks, 0.9, 300, 7) == want
+    # one task with a run fewer takes the per-resample path; the intervals stay close
+    lo, hi = task_bootstrap_iqm_ci(values[1:], tasks[1:], 0.9, 300, 7)[1:]
+    assert abs(lo - want[1]) < 0.1 and abs(hi - want[2]) < 0.1
