@@ -8,7 +8,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from metadqn.envs import FAMILIES, SPLITS, get_family, sample_tasks, task_matrix
 
-COUNTS = {"train": 6, "val": 3, "interp": 3, "extrap": 3}
+COUNTS = {"train": 6, "val": 3, "interp": 3, "extrap": 3, "val_extrap": 3}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -37,7 +37,7 @@ def test_splits_are_disjoint_seeded_and_in_range(name):
             if spec.discrete is not None:
                 assert set(values) <= set(spec.discrete)
                 continue
-            ranges = spec.extrap if split == "extrap" else spec.train
+            ranges = spec.extrap if split in ("extrap", "val_extrap") else spec.train
             inside = np.zeros(len(values), dtype=bool)
             for lo, hi in ranges:
                 inside |= (values >= lo) & (values <= hi)
@@ -50,6 +50,22 @@ def test_growing_one_split_keeps_the_others():
     big = sample_tasks(family, {**COUNTS, "train": 10}, seed=3)
     for split in ("val", "interp", "extrap"):
         assert small[small.split == split].reset_index(drop=True).equals(big[big.split == split].reset_index(drop=True))
+
+
+def test_out_of_range_validation_tasks_are_drawn_from_e_apart_from_the_test_tasks():
+    family = get_family("cartpole-mirrored")
+    without = sample_tasks(family, {**COUNTS, "val_extrap": 0}, seed=3)
+    with_ = sample_tasks(family, {**COUNTS, "val_extrap": 6}, seed=3)
+    # adding the split changed no other split's tasks (the committed task sets stay what they were)
+    assert with_[with_.split != "val_extrap"].reset_index(drop=True).equals(without)
+    vx, ex = with_[with_.split == "val_extrap"], with_[with_.split == "extrap"]
+    assert len(vx) == 6 and vx["task_id"].str.startswith("val_extrap-").all()
+    assert not set(map(tuple, vx[family.param_names].to_numpy())) & set(map(tuple, ex[family.param_names].to_numpy()))
+    length = next(p for p in family.params if p.name == "length")
+    outside = np.zeros(len(vx), dtype=bool)
+    for lo, hi in length.extrap:
+        outside |= (vx["length"].to_numpy() >= lo) & (vx["length"].to_numpy() <= hi)
+    assert outside.all()
 
 
 def test_mirrored_family_has_both_push_directions():

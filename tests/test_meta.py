@@ -211,3 +211,19 @@ def test_meta_train_jobs_give_the_in_order_result_in_any_order_and_thread_count(
     assert got.curves == reference.curves
     want = reference.model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in got.model.state_dict().items())
+
+
+def test_validation_splits_weigh_the_same_in_every_selection(tiny_run):
+    from metadqn.meta.dataset import SplitData, load_meta_data
+
+    params, store, _, metrics, _ = tiny_run
+    data = load_meta_data(store, params)
+    assert list(dict.fromkeys(data.val.tasks["split"])) == ["val", "val_extrap"]  # the tiny params have both
+    assert "val_extrap_zero_shot" in metrics["hypernet"] and "val_extrap_zero_shot" in metrics["siamese"]
+
+    three = pd.DataFrame({"split": ["val", "val", "val", "val_extrap"]})
+    split = SplitData.__new__(SplitData)
+    split.tasks = three
+    assert split.balanced_mean(np.array([1.0, 1.0, 1.0, 0.0])) == 0.5  # not the pooled 0.75
+    split.tasks = three.assign(split="val")
+    assert split.balanced_mean(np.array([1.0, 1.0, 1.0, 0.0])) == 0.75

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -43,17 +44,24 @@ def test_search_selects_per_method_and_reads_no_test_task(tiny_run, tmp_path):
     ref = summary[summary["method"] == "scratch"]
     assert ref["candidate"].tolist() == [SCRATCH_REFERENCE] and not ref["selected"].any()
     assert (summary[summary["method"] != "scratch"].groupby("method")["selected"].sum() == 1).all()
+    # the tiny params have out-of-range validation tasks: each split's AUC IQM counts half
+    assert {"auc_iqm_val", "auc_iqm_val_extrap"} <= set(summary.columns)
+    scores = pd.read_csv(tmp_path / "a" / "scores.csv")
+    assert set(scores["split"]) == {"val", "val_extrap"}
+    np.testing.assert_allclose(summary["selection_score"], (summary["auc_iqm_val"] + summary["auc_iqm_val_extrap"]) / 2,
+                               atol=2e-6)
     for m, pick in selected.items():
         rows = summary[summary["method"] == m]
-        assert pick["candidate"] == rows.loc[rows["auc_iqm"].idxmax(), "candidate"]
+        assert pick["candidate"] == rows.loc[rows["selection_score"].idxmax(), "candidate"]
 
     # the same search with every held-out test task erased from its inputs: byte-identical outputs
     clean = tmp_path / "clean"
     clean.mkdir()
     tasks = pd.read_parquet(col.tasks)
-    tasks[tasks["split"].isin(["train", "val"])].to_parquet(clean / "tasks.parquet", index=False)
+    training = tasks["split"].isin(["train", "val", "val_extrap"])
+    tasks[training].to_parquet(clean / "tasks.parquet", index=False)
     metrics = json.loads(col.metrics.read_text())
-    keep = set(tasks.loc[tasks["split"].isin(["train", "val"]), "task_id"])
+    keep = set(tasks.loc[training, "task_id"])
     metrics["tasks"] = {k: v for k, v in metrics["tasks"].items() if k in keep}
     (clean / "collect.json").write_text(json.dumps(metrics))
     store_b = TaskStore(clean / "tasks.parquet", store.trajectories, store.experts, clean / "collect.json")
@@ -66,7 +74,7 @@ def test_search_store_refuses_test_splits(tiny_run, monkeypatch):
     params, store, meta, _, _ = tiny_run
     from metadqn.evaluation import search
 
-    monkeypatch.setattr(search, "SEARCH_SPLIT", "interp")  # a search that tried to read test tasks
+    monkeypatch.setattr(search, "SEARCH_SPLITS", ("val", "interp"))  # a search that tried to read test tasks
     with pytest.raises(LeakageError):
         run_search(_search_params(params), store, meta.models)
 

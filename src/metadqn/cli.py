@@ -210,7 +210,7 @@ def meta_train(
     from metadqn.stages.meta_train import MetaTrainOutputs
 
     store = TaskStore(tasks_path=tasks, trajectories=trajectories, experts=experts, collect_metrics=collect_metrics)
-    _preflight(store, ("train", "val"), cfg)
+    _preflight(store, ("train", "val", "val_extrap"), cfg)
     out = MetaTrainOutputs(models=models, metrics=metrics, cross_eval=cross_eval, curves=curves)
     try:
         result = meta_train_flow(cfg, store, out)

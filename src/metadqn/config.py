@@ -170,6 +170,12 @@ class CollectConfig(_Section):
     """Interpolation-test tasks (parameters from the training ranges R)."""
     n_extrap_tasks: int = Field(8, ge=0)
     """Extrapolation-test tasks (parameters from the ranges E)."""
+    n_val_extrap_tasks: int = Field(0, ge=0)
+    """Out-of-range validation tasks (split ``val_extrap``, parameters from the ranges E, drawn apart from
+    the test tasks). Like the validation tasks they only select (hypernet checkpoints, fine-tuning
+    configurations) and are never trained on; every selection then weighs the two validation splits
+    equally. 0: every selection sees in-range tasks only, so nothing chosen can favour what works out of
+    range. Read the extrapolation figures knowing which: with it, E's ranges were seen by selection."""
     max_rounds: int = Field(3, ge=1)
     """Training rounds per expert: a task whose expert is not solved after a round is trained again from a
     new seed (DQN on CartPole is unstable; a restart is cheaper than a longer run for every task)."""
@@ -192,7 +198,7 @@ class CollectConfig(_Section):
 
     def counts(self) -> dict[str, int]:
         return {"train": self.n_train_tasks, "val": self.n_val_tasks,
-                "interp": self.n_interp_tasks, "extrap": self.n_extrap_tasks}
+                "interp": self.n_interp_tasks, "extrap": self.n_extrap_tasks, "val_extrap": self.n_val_extrap_tasks}
 
 
 class HypernetConfig(_Section):
@@ -755,7 +761,7 @@ def _check_replay_memory(p: Params) -> None:
     learned = max(len(p.meta_train.learners) + 1, 1)  # + hypernet-oracle
     slots = max(min(c.group_size, sum(c.counts().values())), c.n_train_tasks,
                 (c.n_interp_tasks + c.n_extrap_tasks) * mt.seeds,
-                (len(mt.search.candidates) * learned + 1) * mt.search.seeds * c.n_val_tasks)
+                (len(mt.search.candidates) * learned + 1) * mt.search.seeds * (c.n_val_tasks + c.n_val_extrap_tasks))
     buffer = max([p.dqn.buffer_size, *(int(f.dqn.get("buffer_size", 0)) for f in mt.search.candidates.values())])
     workers = p.runner.workers if p.runner.kind == "processes" else 1
     need = buffer * (2 * obs_dim + 4) * 4 * slots * workers

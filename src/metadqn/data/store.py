@@ -2,8 +2,9 @@
 
 Meta-training must never read a held-out test task. Rather than trusting every caller, all reads go
 through a :class:`TaskStore` opened with the splits its caller may see; a read of any other split's
-trajectories or expert raises :class:`LeakageError`. Meta-training opens ``{"train", "val"}`` (val only
-for model selection); meta-test opens every split.
+trajectories or expert raises :class:`LeakageError`. Meta-training and the fine-tuning search open
+``{"train", "val", "val_extrap"}`` (the validation splits only for model selection); meta-test opens every
+split.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from metadqn.data.normalise import ReturnScale
 from metadqn.dqn.qnetwork import StateDict
 from metadqn.errors import UserError
 
-TRAINING_SPLITS = frozenset({"train", "val"})
+VALIDATION_SPLITS = ("val", "val_extrap")
+"""In range and out of range (see ``collect.n_val_extrap_tasks``); selections weigh them equally."""
+TRAINING_SPLITS = frozenset({"train", *VALIDATION_SPLITS})
 
 
 class LeakageError(RuntimeError):
@@ -51,6 +54,11 @@ class TaskStore:
         self._check_split(split)
         t = self._tasks()
         return t[t["split"] == split].reset_index(drop=True)
+
+    def tasks_of(self, splits: Iterable[str]) -> pd.DataFrame:
+        """The tasks of several splits, in that order (a split with no task adds nothing)."""
+        frames = [self.tasks(s) for s in splits]
+        return pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
 
     def _check_split(self, split: str) -> None:
         if split not in self.allowed:

@@ -9,8 +9,12 @@ import pandas as pd
 
 from metadqn.envs.families import Family, Interval, ParamSpec
 
-SPLITS = ("train", "val", "interp", "extrap")
-"""train and val tasks (and interpolation-test tasks) come from R; extrapolation-test tasks from E."""
+SPLITS = ("train", "val", "interp", "extrap", "val_extrap")
+"""train and val tasks (and interpolation-test tasks) come from R; extrapolation-test tasks and the
+out-of-range validation tasks (``val_extrap``) from E. Appended last: each split's stream is its index's
+child of the seed, so adding a split changed no other split's tasks."""
+EXTRAP_SPLITS = frozenset({"extrap", "val_extrap"})
+"""The splits drawn from the ranges E."""
 
 
 def _sample_union(rng: np.random.Generator, intervals: tuple[Interval, ...], n: int) -> np.ndarray:
@@ -26,7 +30,7 @@ def _sample_union(rng: np.random.Generator, intervals: tuple[Interval, ...], n: 
 def sample_param(rng: np.random.Generator, spec: ParamSpec, split: str, n: int) -> np.ndarray:
     if spec.discrete is not None:
         return rng.choice(np.asarray(spec.discrete, dtype=np.float64), size=n)
-    return _sample_union(rng, spec.extrap if split == "extrap" else spec.train, n)
+    return _sample_union(rng, spec.extrap if split in EXTRAP_SPLITS else spec.train, n)
 
 
 def sample_tasks(family: Family, counts: Mapping[str, int], seed: int) -> pd.DataFrame:

@@ -59,7 +59,7 @@ from metadqn.config import Params
 from metadqn.data.io import CorruptDataError
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import StateDict
-from metadqn.envs.sampling import SPLITS, task_matrix
+from metadqn.envs.sampling import task_matrix
 from metadqn.evaluation.protocol import context_seed, contexts
 from metadqn.meta.context import features_from_arrays, oracle_features
 from metadqn.meta.dataset import batched, greedy_returns
@@ -126,8 +126,8 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
     family = params.family.family()
     hidden = list(params.dqn.hidden_sizes)
     c, mt = params.meta_train.context_size, params.meta_test
-    frames = [store.tasks(s) for s in SPLITS]
-    groups = [pd.concat(frames[:2], ignore_index=True), pd.concat(frames[2:], ignore_index=True)]
+    # the selection splits (out-of-range validation last), then the test splits in meta_test's order
+    groups = [store.tasks_of(("train", "val", "val_extrap")), store.tasks_of(("interp", "extrap"))]
     tasks = pd.concat(groups, ignore_index=True)
     ids = list(tasks["task_id"])
     train = (tasks["split"] == "train").to_numpy()

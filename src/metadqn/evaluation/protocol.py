@@ -262,7 +262,7 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
     family = params.family.family()
     mt = params.meta_test
     c = params.meta_train.context_size
-    tests = pd.concat([store.tasks(s) for s in TEST_SPLITS], ignore_index=True)
+    tests = store.tasks_of(TEST_SPLITS)
     groups = plan_groups(params, tests, models, choices)
     log.info("meta-test: %d tasks x %d methods x %d seeds = %d runs of %d steps (+%d context), one group per "
              "method; configurations: %s", len(tests), len(groups), mt.seeds, sum(len(g.task_ids) for g in groups),

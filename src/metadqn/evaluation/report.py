@@ -305,8 +305,12 @@ def search_table(search: pd.DataFrame) -> str:
     def ci(row: Mapping[str, Any], key: str) -> str:
         return f"{cell(row, f'{key}_iqm')} [{cell(row, f'{key}_ci_low')}, {cell(row, f'{key}_ci_high')}]"
 
-    rows = ["| method | candidate | runs | zero-shot | AUC | final | min curve | selected |",
-            "|---|---|---|---|---|---|---|---|"]
+    # with out-of-range validation tasks, the per-split AUCs and the score that chose (their mean)
+    split_cols = [("auc_iqm_val", "AUC in range"), ("auc_iqm_val_extrap", "AUC out of range"),
+                  ("selection_score", "score")] if "auc_iqm_val_extrap" in search.columns else []
+    rows = ["| method | candidate | runs | zero-shot | AUC | final | min curve | "
+            + "".join(f"{label} | " for _, label in split_cols) + "selected |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(split_cols)]
     order = {m: i for i, m in enumerate(ordered_methods(search["method"].astype(str)))}
     frame = search.assign(_order=search["method"].astype(str).map(order)).sort_values("_order", kind="stable")
     for row in frame.to_dict("records"):
@@ -316,7 +320,8 @@ def search_table(search: pd.DataFrame) -> str:
         rows.append(f"| {row['method']} | {f'**{cand}**' if chosen else cand} | "
                     f"{int(runs) if runs is not None and not pd.isna(runs) else 'n/a'} | "
                     f"{cell(row, 'zero_shot_iqm')} | {ci(row, 'auc')} | {ci(row, 'final')} | "
-                    f"{cell(row, 'min_curve_iqm')} | {'**yes**' if chosen else ''} |")
+                    f"{cell(row, 'min_curve_iqm')} | " + "".join(f"{cell(row, k)} | " for k, _ in split_cols)
+                    + f"{'**yes**' if chosen else ''} |")
     return "\n".join(rows)
 
 
@@ -328,9 +333,11 @@ def _truthy(v: Any) -> bool:
 
 def search_text(confidence: float) -> str:
     return ("Fine-tuning configurations were chosen on validation tasks only (the interpolation and "
-            "extrapolation test tasks played no part), per method by AUC IQM; the selected candidate is in "
-            f"bold. Intervals: {pct(confidence)} bootstrap CIs that resample validation tasks. scratch keeps the "
-            "`dqn` section's configuration (tuned for learning from scratch) and appears as the reference row.")
+            "extrapolation test tasks played no part), per method by AUC IQM (with out-of-range validation "
+            "tasks: by the mean of the in-range and out-of-range AUC IQMs, the score column); the selected "
+            f"candidate is in bold. Intervals: {pct(confidence)} bootstrap CIs that resample validation tasks. "
+            "scratch keeps the `dqn` section's configuration (tuned for learning from scratch) and appears as the "
+            "reference row.")
 
 
 def selected_lines(selected: Mapping[str, Any]) -> list[str]:
@@ -450,8 +457,8 @@ def figure_retrieval(meta_train: Mapping[str, Any], path: Path) -> Path:
 def figure_experts(collect: Mapping[str, Any], path: Path, solved: float) -> Path:
     frame = pd.DataFrame([{"task_id": k, **v} for k, v in collect["tasks"].items()])
     fig, ax = plt.subplots(figsize=(8, 3))
-    order = ["train", "val", "interp", "extrap"]
-    colors = {"train": "#1f77b4", "val": "#2ca02c", "interp": "#ff7f0e", "extrap": "#d62728"}
+    order = ["train", "val", "val_extrap", "interp", "extrap"]
+    colors = {"train": "#1f77b4", "val": "#2ca02c", "val_extrap": "#98df8a", "interp": "#ff7f0e", "extrap": "#d62728"}
     x = 0
     for split in order:
         g = frame[frame["split"] == split]
@@ -566,7 +573,7 @@ def diagnosis_section(diagnosis: Mapping[str, Any]) -> list[str]:
           "tasks; returns and matches are means; returns normalised (0 random, 1 expert). Analysis only: no "
           "stage selects anything from it (metadqn.evaluation.diagnosis).", ""]
     for model, splits in diagnosis.items():
-        names = [s for s in ("train", "val", "interp", "extrap") if s in splits]
+        names = [s for s in ("train", "val", "val_extrap", "interp", "extrap") if s in splits]
         md += [f"**{model}**", "", "| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         md += [f"| {label} | " + " | ".join(_fmt(splits[s].get(key)) for s in names) + " |"
                for key, label in DIAGNOSIS_ROWS]

@@ -4,7 +4,10 @@ validation tasks only.
 Every candidate of ``meta_test.search.candidates`` fine-tunes every meta-learned method's start on every
 validation task for ``meta_test.search.seeds`` seeds, under the meta-test protocol itself (same context
 size, same budget T, same evaluation), so the choice is made on the quantity that is reported. Per method,
-the candidate with the highest AUC IQM wins (ties: the first listed). Scratch is not searched: it keeps the
+the candidate with the highest selection score wins (ties: the first listed): the AUC IQM on the validation
+tasks, or, when there are out-of-range validation tasks (``collect.n_val_extrap_tasks``), the mean of the
+AUC IQMs of the two validation splits, so that what works out of range counts as much as what works in
+range (a pooled IQM would trim the few out-of-range tasks away as outliers). Scratch is not searched: it keeps the
 dqn section, which is tuned for learning from scratch; it runs once as a reference row (the bar a start
 must clear on the same tasks).
 
@@ -31,14 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from metadqn.config import FinetuneConfig, Params
-from metadqn.data.store import TRAINING_SPLITS, TaskStore
+from metadqn.data.store import TRAINING_SPLITS, VALIDATION_SPLITS, TaskStore
 from metadqn.dqn.levers import shared_part
 from metadqn.envs.sampling import task_matrix
 from metadqn.errors import UserError
-from metadqn.evaluation.metrics import task_bootstrap_iqm_ci
+from metadqn.evaluation.metrics import iqm, task_bootstrap_iqm_ci
 from metadqn.evaluation.protocol import (
     Choice,
     ProtocolGroup,
@@ -51,7 +55,7 @@ from metadqn.evaluation.summary import min_curve_iqm, per_run_scores
 from metadqn.fanout import GroupMapper, run_in_process
 
 log = logging.getLogger("metadqn.finetune_search")
-SEARCH_SPLIT = "val"
+SEARCH_SPLITS = VALIDATION_SPLITS
 SCRATCH_REFERENCE = "dqn section"
 """Scratch runs in the search as a reference row (the bar a start must clear), with the dqn section; it is
 never selected for anything."""
@@ -78,7 +82,7 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> list[Protocol
     :data:`GROUP_SLOTS` slots."""
     family = params.family.family()
     search = params.meta_test.search
-    tasks = store.tasks(SEARCH_SPLIT)
+    tasks = store.tasks_of(SEARCH_SPLITS)
     methods = searched_methods(params, models)
     if not methods:
         return []
@@ -142,9 +146,11 @@ def run_search(params: Params, store: TaskStore, models: Path,
     learned = {m for g in groups for m in g.methods} - {"scratch"}
     log.info("finetune search: %d candidates x %d methods x %d validation tasks x %d seeds (+ scratch as the "
              "reference), in %d batched runs", len(mt.search.candidates), len(learned),
-             len(set(groups[0].task_ids)), mt.search.seeds, len(groups))
+             len({t for g in groups for t in g.task_ids}), mt.search.seeds, len(groups))
 
-    scale = store.return_scale(sorted(set(groups[0].task_ids)))  # before any training: fail fast
+    tasks = store.tasks_of(SEARCH_SPLITS)
+    split_of = dict(zip(tasks["task_id"], tasks["split"], strict=True))
+    scale = store.return_scale(list(tasks["task_id"]))  # before any training: fail fast
     results = map_groups(functools.partial(finetune_group, family), groups)
     frames = []
     for group, res in zip(groups, results, strict=True):
@@ -153,7 +159,7 @@ def run_search(params: Params, store: TaskStore, models: Path,
         curve = res.curves.merge(slots, on="slot").rename(columns={"eval_return": "return"})
         curve["step"] = curve["step"] + c
         curve["normalised_return"] = scale.column(curve["return"], curve["task_id"])
-        frames.append(curve.assign(split=SEARCH_SPLIT).drop(columns="slot"))
+        frames.append(curve.assign(split=curve["task_id"].map(split_of)).drop(columns="slot"))
     curves = pd.concat(frames, ignore_index=True)
     scores = pd.concat([per_run_scores(g.drop(columns="candidate"), mt.threshold, mt.budget_steps)
                         .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
@@ -164,7 +170,10 @@ def run_search(params: Params, store: TaskStore, models: Path,
 
 
 SUMMARY_COLUMNS = ["method", "candidate", "runs", "zero_shot_iqm", "auc_iqm", "auc_ci_low", "auc_ci_high",
-                   "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "selected"]
+                   "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "auc_iqm_val", "auc_iqm_val_extrap",
+                   "selection_score", "selected"]
+"""The per-split AUC IQMs are there when the split has tasks; ``selection_score`` is their mean (each
+validation split weighs the same, whatever its task count), the AUC IQM itself when there is one split."""
 
 
 def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params) -> pd.DataFrame:
@@ -179,13 +188,18 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
             row.update({f"{key}_iqm": point, f"{key}_ci_low": lo, f"{key}_ci_high": hi})
         mc = curves[(curves["method"] == method) & (curves["candidate"] == cand)]
         row["min_curve_iqm"] = min_curve_iqm(mc)
+        per_split = {f"auc_iqm_{s}": float(iqm(g.loc[g["split"] == s, "auc"].to_numpy(float)))
+                     for s in dict.fromkeys(g["split"])}
+        row.update(per_split)
+        row["selection_score"] = float(np.mean(list(per_split.values())))
         rows.append(row)
     out = pd.DataFrame(rows)
     out["order"] = out["candidate"].map(order.index)
     out = out.sort_values(["method", "order"], key=lambda c: c.map(_method_rank) if c.name == "method" else c,
                           kind="stable").drop(columns="order").reset_index(drop=True)
-    best = out.groupby("method", sort=False)["auc_iqm"].transform("max")
-    first = (out["auc_iqm"] == best) & ~(out["auc_iqm"] == best).groupby(out["method"]).cumsum().gt(1)
+    best = out.groupby("method", sort=False)["selection_score"].transform("max")
+    top = out["selection_score"] == best
+    first = top & ~top.groupby(out["method"]).cumsum().gt(1)
     out["selected"] = first & (out["method"] != "scratch")
     out = out[[c for c in SUMMARY_COLUMNS if c in out.columns]]
     return out.round({c: 6 for c in out.columns if out[c].dtype == float})

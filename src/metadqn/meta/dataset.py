@@ -11,7 +11,7 @@ from torch import Tensor
 
 from metadqn.config import Params
 from metadqn.data.normalise import ReturnScale
-from metadqn.data.store import TRAINING_SPLITS, LeakageError, TaskStore
+from metadqn.data.store import TRAINING_SPLITS, VALIDATION_SPLITS, LeakageError, TaskStore
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict
 from metadqn.dqn.rollout import GreedyEvaluator
 from metadqn.envs.families import Family
@@ -48,12 +48,20 @@ class SplitData:
     scale: ReturnScale
     """Normalises returns on these tasks (0 random, 1 expert; :mod:`metadqn.data.normalise`)."""
 
+    def balanced_mean(self, values: np.ndarray) -> float:
+        """The mean of per-task ``values`` with every split weighing the same (the validation tasks: in
+        range and out of range, whatever their counts); the plain mean when the tasks are of one split."""
+        splits = self.tasks["split"].to_numpy()
+        values = np.asarray(values, dtype=np.float64)
+        return float(np.mean([values[splits == s].mean() for s in dict.fromkeys(splits)]))
+
 
 @dataclass
 class MetaData:
     family: Family
     train: SplitData
     val: SplitData
+    """The validation tasks: split val, then split val_extrap (``collect.n_val_extrap_tasks``, may be 0)."""
     experts: list[StateDict]
     """The training tasks' experts (validation experts are never needed: their returns set the scale)."""
     states: list[np.ndarray]
@@ -62,8 +70,9 @@ class MetaData:
     """Per training task: the expert's and replay transitions, for TD losses."""
 
 
-def _split(store: TaskStore, family: Family, split: str, context_size: int) -> tuple[SplitData, pd.DataFrame]:
-    tasks = store.tasks(split)
+def _split(store: TaskStore, family: Family, splits: tuple[str, ...],
+           context_size: int) -> tuple[SplitData, pd.DataFrame]:
+    tasks = store.tasks_of(splits)
     ids = list(tasks["task_id"])
     frame = store.transitions(ids, family.obs_dim)
     explore = frame[frame["source"] == "exploration"]
@@ -80,8 +89,8 @@ def load_meta_data(store: TaskStore, params: Params) -> MetaData:
         raise LeakageError(f"meta-training may read only {sorted(TRAINING_SPLITS)}, got {sorted(store.allowed)}")
     family = params.family.family()
     c = params.meta_train.context_size
-    train, frame = _split(store, family, "train", c)
-    val, _ = _split(store, family, "val", c)
+    train, frame = _split(store, family, ("train",), c)
+    val, _ = _split(store, family, VALIDATION_SPLITS, c)  # val_extrap may hold no task
     ids = list(train.tasks["task_id"])
     experts = [store.expert(t) for t in ids]
     d = family.obs_dim

@@ -310,7 +310,7 @@ def _fit_seed(data, params, oracle: bool, s: int) -> SeedFit:
         if it % cfg.eval_interval == 0 or it == cfg.iterations:
             returns = greedy_returns(family, data.val.matrix, model.generate(val_input), hidden,
                                      mt.eval_episodes, seed)
-            score = float(np.mean(data.val.scale(returns)))
+            score = data.val.balanced_mean(data.val.scale(returns))
             curves.append((f"{name}/seed{s}/val_zero_shot_normalized", it, score))
             if score > best[0]:  # the first checkpoint at the best score (NaN never wins)
                 best = (score, copy.deepcopy(model.state_dict()))

@@ -199,7 +199,8 @@ HELD_OUT = "held-out"
 
 def group_fingerprint(params: Params, group: pd.DataFrame, code: str) -> str:
     family = params.family.family()
-    counts = {"n_train_tasks", "n_val_tasks", "n_interp_tasks", "n_extrap_tasks", "task_seed", "group_size"}
+    counts = {"n_train_tasks", "n_val_tasks", "n_interp_tasks", "n_extrap_tasks", "n_val_extrap_tasks", "task_seed",
+              "group_size"}
     blob = {
         "tasks": group[["task_id", *family.param_names]].to_dict(orient="list"),
         "family": params.family.model_dump(mode="json"),
@@ -297,7 +298,7 @@ def write_summary(family: Family, tasks: pd.DataFrame, out: CollectOutputs) -> d
 
 
 def held_out_tasks(params: Params) -> pd.DataFrame:
-    """The val, interp and extrap tasks: drawn from params, independent of the pool."""
+    """The val, val_extrap, interp and extrap tasks: drawn from params, independent of the pool."""
     counts = {**params.collect.counts(), "train": 0}
     return sample_tasks(params.family.family(), counts, params.collect.task_seed)
 

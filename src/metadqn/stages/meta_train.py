@@ -198,9 +198,12 @@ def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray,
 def _measured(result: LearnerResult, data: MetaData, params: Params, wall_s: float) -> LearnerResult:
     """Adds the validation zero-shot figures (and the training time, which goes to MLflow only)."""
     zs = val_zero_shot(result.model, data, params)
-    result.metrics = {"val_zero_shot_normalized": float(zs.mean()), "val_zero_shot_min": float(zs.min()),
-                      **result.metrics, "wall_s": round(wall_s, 2)}
-    log.info("%s: validation zero-shot %.3f (normalised), %.0f s", result.name, zs.mean(), wall_s)
+    out_of_range = (data.val.tasks["split"] == "val_extrap").to_numpy()
+    per_split = {"val_extrap_zero_shot": float(zs[out_of_range].mean())} if out_of_range.any() else {}
+    result.metrics = {"val_zero_shot_normalized": data.val.balanced_mean(zs), "val_zero_shot_min": float(zs.min()),
+                      **per_split, **result.metrics, "wall_s": round(wall_s, 2)}
+    log.info("%s: validation zero-shot %.3f (normalised; splits weigh equally), %.0f s", result.name,
+             result.metrics["val_zero_shot_normalized"], wall_s)
     return result
 
 
