@@ -299,6 +299,10 @@ class SelectConfig(_Section):
     the siamese index's ``k`` nearest experts, the multitask or reptile network."""
     k: int = Field(3, ge=1)
     """How many of the siamese index's nearest experts are candidates (each one on its own)."""
+    score: Literal["squared", "relative"] = "squared"
+    """How a candidate's TD errors on the context are scored: their mean square, or that over the mean
+    square of its Q(s, a) (scale-free: a network whose Q-values are small does not look consistent with
+    every task for that reason alone). Lowest wins."""
 
     @field_validator("candidates")
     @classmethod
