@@ -241,6 +241,11 @@ class HypernetConfig(_Section):
     """Also train hypernet-oracle (fed the true physics) as an analysis reference."""
     oracle_seeds: int = Field(1, ge=1)
     """Seeds of hypernet-oracle (an analysis reference, so one by default)."""
+    gate: Literal["off", "validated", "on"] = "validated"
+    """The out-of-range gate (:meth:`metadqn.meta.hypernet.HyperQ.set_gate`): a task whose embedding lies
+    outside the training tasks' gets the nearest training task's embedding. ``validated``: kept only if it
+    raises the validation zero-shot (each validation split weighing the same; it can fire only on tasks
+    out of the training region, so it needs ``collect.n_val_extrap_tasks`` to ever be kept)."""
 
 
 class SiameseConfig(_Section):

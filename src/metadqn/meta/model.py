@@ -124,6 +124,9 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
     in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
     encoder = ContextEncoder(encoder_kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
     if kind == "hypernet":
-        return HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, cfg.q_hidden, base_seed=0)
+        net = HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, cfg.q_hidden, base_seed=0)
+        if "gate_points" in sd:  # the gate's buffers exist only when it is on; shaped like the saved ones
+            net.set_gate(torch.zeros_like(sd["gate_points"]))
+        return net
     n, p = sd["expert_flat"].shape
     return SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k)

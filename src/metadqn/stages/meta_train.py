@@ -95,8 +95,8 @@ def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool) -> 
     model = MetaModel(_model_config(params, name, data, encoder="oracle" if oracle else params.meta_train.encoder),
                       module=fit.model)
     return LearnerResult(name, model, {"val_selection_score": fit.val_score,
-                                       **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)}},
-                         fit.curves)
+                                       **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)},
+                                       **fit.gate}, fit.curves)
 
 
 def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
