@@ -66,6 +66,9 @@ def test_the_gate_hands_an_out_of_range_task_the_nearest_training_embedding_and_
         emb, gated = model.embed(torch.cat([train, far]))
         flat = model(torch.cat([train, far]))
     assert gated.tolist() == [False] * 5 + [True]  # never on a training task
+    # the radius: the farthest any training task is from its nearest other one
+    apart = [min(float((points[i] - points[j]).norm()) for j in range(5) if j != i) for i in range(5)]
+    assert abs(float(model.gate_radius) - max(apart)) < 1e-5
     nearest = torch.cdist(model.encoder(far), points).argmin().item()
     torch.testing.assert_close(emb[5], points[nearest])
     torch.testing.assert_close(flat[5], flat[nearest])  # the far task gets that training task's network
