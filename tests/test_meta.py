@@ -52,6 +52,40 @@ def test_generated_parameters_load_into_qnetwork_and_reproduce_the_hypernetwork(
         torch.testing.assert_close(net(obs[t]), q_hyper[t].detach())
 
 
+def test_the_gate_hands_an_out_of_range_task_the_nearest_training_embedding_and_survives_a_save(tmp_path):
+    from metadqn.meta.model import MetaModelConfig
+
+    model = _hyper()
+    torch.nn.init.normal_(model.head.weight, std=0.05)
+    train = torch.randn(5, 10, F_DIM)
+    far = train[2:3] * 40.0  # the same transitions, scaled far out of the training region
+    with torch.no_grad():
+        points = model.encoder(train)
+        ungated = model(torch.cat([train, far]))
+        model.set_gate(points)
+        emb, gated = model.embed(torch.cat([train, far]))
+        flat = model(torch.cat([train, far]))
+    assert gated.tolist() == [False] * 5 + [True]  # never on a training task
+    # the radius: the farthest any training task is from its nearest other one
+    apart = [min(float((points[i] - points[j]).norm()) for j in range(5) if j != i) for i in range(5)]
+    assert abs(float(model.gate_radius) - max(apart)) < 1e-5
+    nearest = torch.cdist(model.encoder(far), points).argmin().item()
+    torch.testing.assert_close(emb[5], points[nearest])
+    torch.testing.assert_close(flat[5], flat[nearest])  # the far task gets that training task's network
+    torch.testing.assert_close(flat[:5], ungated[:5])
+    assert not torch.allclose(flat[5], ungated[5])
+
+    cfg = MetaModelConfig(learner="hypernet", family=FAMILY.name, q_hidden=[16, 16], context_size=10, embed_dim=8,
+                          encoder_hidden=32, hidden=32)
+    MetaModel(cfg, module=model.eval()).save(tmp_path / "h")
+    loaded = MetaModel.load(tmp_path / "h").module
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.cat([train, far])), flat)
+    model.gate_off()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.cat([train, far])), ungated)
+
+
 def test_siamese_distance_is_symmetric_and_zero_on_identical_contexts():
     torch.manual_seed(0)
     enc = ContextEncoder("deepset", F_DIM, 32, 8)
@@ -216,10 +250,15 @@ def test_meta_train_jobs_give_the_in_order_result_in_any_order_and_thread_count(
 def test_validation_splits_weigh_the_same_in_every_selection(tiny_run):
     from metadqn.meta.dataset import SplitData, load_meta_data
 
-    params, store, _, metrics, _ = tiny_run
+    params, store, out, metrics, _ = tiny_run
     data = load_meta_data(store, params)
     assert list(dict.fromkeys(data.val.tasks["split"])) == ["val", "val_extrap"]  # the tiny params have both
     assert "val_extrap_zero_shot" in metrics["hypernet"] and "val_extrap_zero_shot" in metrics["siamese"]
+    # the validated gate: kept only where it raised the validation zero-shot
+    for name in ("hypernet", "hypernet-oracle"):
+        m = metrics[name]
+        assert m["gate"] == float(m["gate_val_with"] > m["gate_val_without"])
+        assert (MetaModel.load(out.models / name).module._buffers.get("gate_points") is not None) == bool(m["gate"])
 
     three = pd.DataFrame({"split": ["val", "val", "val", "val_extrap"]})
     split = SplitData.__new__(SplitData)

@@ -82,6 +82,20 @@ def test_select_picks_the_bellman_consistent_candidate_wherever_it_stands():
         assert torch.all(err[:, column] < 1e-10)
 
 
+def test_the_relative_score_does_not_favour_a_network_for_its_small_values():
+    # gamma 0.9, reward 1, no termination: a constant-Q network c has TD error 0.1 c - 1 at every step;
+    # c = 1 is off by 0.9 (squared 0.81, 81% of its value squared), c = 30 by 2 (squared 4, 0.4% of it)
+    ctx = _context(2, reward=1.0)
+    ctx[..., -1] = 0.0
+    nets = torch.stack([_constant(1.0), _constant(30.0)])
+    squared = SelectQ(FAMILY, HIDDEN, None, None, nets, k=1, gamma=0.9)
+    relative = SelectQ(FAMILY, HIDDEN, None, None, nets, k=1, gamma=0.9, score="relative")
+    assert squared.choose(ctx)[1].tolist() == [0, 0] and relative.choose(ctx)[1].tolist() == [1, 1]
+    torch.testing.assert_close(relative.choose(ctx)[2], torch.tensor([[0.81, 4.0 / 900]]).expand(2, 2))
+    with pytest.raises(ValueError, match="unknown TD score"):
+        SelectQ(FAMILY, HIDDEN, None, None, nets, k=1, gamma=0.9, score="absolute")
+
+
 def test_equal_td_errors_go_to_the_first_candidate():
     select = SelectQ(FAMILY, HIDDEN, None, None, torch.stack([_constant(3.0), _constant(3.0)]), k=1, gamma=0.9)
     assert select.choose(_context(2))[1].tolist() == [0, 0]
@@ -117,11 +131,14 @@ def test_candidates_are_the_generated_network_the_k_nearest_experts_and_the_fixe
 
 def test_a_saved_select_model_loads_and_chooses_the_same_starts(tmp_path):
     select, ctx = _select(fixed_names=("reptile",)), _context(4)
+    select.score = "relative"  # saved in the config, as train_select does
     cfg = MetaModelConfig(learner="select", family=FAMILY.name, q_hidden=HIDDEN, context_size=12, embed_dim=4,
-                          encoder_hidden=16, hidden=16, k=2, task_ids=select.index.task_ids, fixed_names=["reptile"])
+                          encoder_hidden=16, hidden=16, k=2, task_ids=select.index.task_ids, fixed_names=["reptile"],
+                          select_score="relative")
     MetaModel(cfg, module=select.eval()).save(tmp_path / "select")
     loaded = MetaModel.load(tmp_path / "select")
     assert isinstance(loaded.module, SelectQ) and loaded.module.sources() == select.sources()
+    assert loaded.module.score == "relative"
     want = select.init_flat(ctx)
     got = loaded.initial_params(context=ctx)
     for t, sd in enumerate(got):

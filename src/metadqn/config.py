@@ -241,6 +241,11 @@ class HypernetConfig(_Section):
     """Also train hypernet-oracle (fed the true physics) as an analysis reference."""
     oracle_seeds: int = Field(1, ge=1)
     """Seeds of hypernet-oracle (an analysis reference, so one by default)."""
+    gate: Literal["off", "validated", "on"] = "validated"
+    """The out-of-range gate (:meth:`metadqn.meta.hypernet.HyperQ.set_gate`): a task whose embedding lies
+    outside the training tasks' gets the nearest training task's embedding. ``validated``: kept only if it
+    raises the validation zero-shot (each validation split weighing the same; it can fire only on tasks
+    out of the training region, so it needs ``collect.n_val_extrap_tasks`` to ever be kept)."""
 
 
 class SiameseConfig(_Section):
@@ -299,6 +304,10 @@ class SelectConfig(_Section):
     the siamese index's ``k`` nearest experts, the multitask or reptile network."""
     k: int = Field(3, ge=1)
     """How many of the siamese index's nearest experts are candidates (each one on its own)."""
+    score: Literal["squared", "relative"] = "squared"
+    """How a candidate's TD errors on the context are scored: their mean square, or that over the mean
+    square of its Q(s, a) (scale-free: a network whose Q-values are small does not look consistent with
+    every task for that reason alone). Lowest wins."""
 
     @field_validator("candidates")
     @classmethod

@@ -173,8 +173,11 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
         if not (models / name / "model.pt").exists():
             continue
         model = MetaModel.load(models / name)
-        module = model.module
-        assert isinstance(module, HyperQ), f"{name} is not a hypernetwork"
+        assert isinstance(model.module, HyperQ), f"{name} is not a hypernetwork"
+        # the generator as trained: without the gate (meta_train may have switched it on; ``gen_gate``
+        # below measures what the gate does, with this stage's own training contexts)
+        module = copy.deepcopy(model.module)
+        module.gate_off()
         oracle = model.config.uses_physics
         x = physics if oracle else feats
         with torch.no_grad():

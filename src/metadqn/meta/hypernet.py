@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,8 +75,34 @@ class HyperQ(nn.Module):
         # calibrate_value_offset at the end.
         self.register_buffer("value_offset", torch.zeros(()))
 
+    def set_gate(self, points: Tensor) -> None:
+        """Switches the out-of-range gate on: ``points`` [N, E] are the training tasks' embeddings; a task
+        whose embedding is farther from all of them than any of them is from the others gets the nearest
+        one's embedding instead (its generated network is then that training task's). The diagnosis found
+        that out of range the embedding leaves the training region and the generator, fed an input it never
+        saw, fails, while the nearest training task's start transfers (``ret_gen_nn``)."""
+        d = torch.cdist(points, points)
+        d.fill_diagonal_(float("inf"))
+        self.register_buffer("gate_points", points.detach().clone())
+        self.register_buffer("gate_radius", d.min(1).values.max().detach().clone())
+
+    def gate_off(self) -> None:
+        for name in ("gate_points", "gate_radius"):
+            if name in self._buffers:
+                del self._buffers[name]
+
+    def embed(self, task_input: Tensor) -> tuple[Tensor, Tensor]:
+        """(embedding [T, E], gated [T] bool): the encoder's output, gated when the gate is on."""
+        emb = self.encoder(task_input)
+        points, radius = self._buffers.get("gate_points"), self._buffers.get("gate_radius")
+        if points is None or radius is None:
+            return emb, torch.zeros(len(emb), dtype=torch.bool)
+        dist, nearest = torch.cdist(emb, points).min(1)
+        gated = dist > radius
+        return torch.where(gated.unsqueeze(1), points[nearest], emb), gated
+
     def forward(self, task_input: Tensor) -> Tensor:
-        flat = self.head(self.trunk(self.encoder(task_input)))
+        flat = self.head(self.trunk(self.embed(task_input)[0]))
         if self.value_offset.item() != 0.0:
             flat = torch.cat([flat[:, :-self.n_actions], flat[:, -self.n_actions:] + self.value_offset], dim=1)
         return flat
@@ -171,6 +197,8 @@ class FitResult:
     curves: list[tuple[str, int, float]]
     """(metric, step, value) of training: losses and validation scores, for MLflow step metrics."""
     seed_scores: list[float]
+    gate: dict[str, float] = field(default_factory=dict)
+    """Whether the out-of-range gate is on, and the validation figures that decided it."""
 
 
 def _train_step(model: HyperQ, target: HyperQ, opt: torch.optim.Optimizer, x: Tensor, base: StatePool,
@@ -341,7 +369,42 @@ def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit]) -> FitRes
     obs, q = base.sample(cfg.batch_states, gen)
     offset = calibrate_value_offset(final, data.train.physics if oracle else data.train.contexts.sample(gen), obs, q)
     log.info("%s: value offset %.2f added to the generated output biases", name, offset)
-    return FitResult(final.eval(), winner.score, [c for f in fits for c in f.curves], [f.score for f in fits])
+    gate = _choose_gate(final, data, params, oracle)
+    return FitResult(final.eval(), winner.score, [c for f in fits for c in f.curves], [f.score for f in fits], gate)
+
+
+def _choose_gate(model: HyperQ, data, params, oracle: bool) -> dict[str, float]:
+    """``hypernet.gate``: off, on, or validated (on only if it raises the validation zero-shot, on the
+    contexts that selected the checkpoint, each validation split weighing the same). Returns the figures
+    that decided it (for the metrics)."""
+    from metadqn.meta.dataset import greedy_returns
+
+    mt, mode = params.meta_train, params.meta_train.hypernet.gate
+    if mode == "off":
+        return {"gate": 0.0}
+    with torch.no_grad():
+        model.set_gate(model.encoder(data.train.physics if oracle else data.train.contexts.first()))
+    if mode == "on":
+        return {"gate": 1.0}
+    val_input = data.val.physics if oracle else data.val.contexts.first()
+
+    def score() -> float:
+        returns = greedy_returns(data.family, data.val.matrix, model.generate(val_input), params.dqn.hidden_sizes,
+                                 mt.eval_episodes, derive_seed(mt.seed, int(oracle), 7))
+        return data.val.balanced_mean(data.val.scale(returns))
+
+    with torch.no_grad():
+        fired = float(model.embed(val_input)[1].float().mean())
+    on = score()
+    model.gate_off()
+    off = score()
+    keep = on > off
+    if keep:
+        with torch.no_grad():
+            model.set_gate(model.encoder(data.train.physics if oracle else data.train.contexts.first()))
+    log.info("gate: validation zero-shot %.3f with, %.3f without (fires on %.0f%% of validation tasks): %s",
+             on, off, 100 * fired, "on" if keep else "off")
+    return {"gate": float(keep), "gate_val_with": on, "gate_val_without": off, "gate_val_fired": fired}
 
 
 def fit_hypernet(data, params, oracle: bool = False) -> FitResult:

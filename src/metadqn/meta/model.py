@@ -36,6 +36,8 @@ class MetaModelConfig:
     n_physics: int = 0
     fixed_names: list[str] = field(default_factory=list)
     """select: the learner of each fixed candidate network (the rows of SelectQ.fixed)."""
+    select_score: str = "squared"
+    """select: how it scores the candidates' TD errors (``meta_train.select.score``)."""
 
     @property
     def uses_context(self) -> bool:
@@ -117,11 +119,14 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
         hyper, index = part("hypernet."), part("index.")
         return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
                        _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
-                       torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names)
+                       torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score)
     encoder_kind = "oracle" if cfg.uses_physics else cfg.encoder
     in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
     encoder = ContextEncoder(encoder_kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
     if kind == "hypernet":
-        return HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, cfg.q_hidden, base_seed=0)
+        net = HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, cfg.q_hidden, base_seed=0)
+        if "gate_points" in sd:  # the gate's buffers exist only when it is on; shaped like the saved ones
+            net.set_gate(torch.zeros_like(sd["gate_points"]))
+        return net
     n, p = sd["expert_flat"].shape
     return SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k)

@@ -34,11 +34,15 @@ from metadqn.meta.context import transitions_from_features
 from metadqn.meta.hypernet import HyperQ
 from metadqn.meta.siamese import SiameseIndex
 
+SCORES = ("squared", "relative")
+"""What :func:`td_errors` may return (``meta_train.select.score``)."""
+
 
 def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[str, tuple[int, ...]]],
-              gamma: float) -> Tensor:
+              gamma: float, score: str = "squared") -> Tensor:
     """Mean squared one-step TD error of M candidate networks per task on that task's context: flat
-    [T, M, P], ctx [T, C, F] -> [T, M]."""
+    [T, M, P], ctx [T, C, F] -> [T, M]; ``score="relative"`` divides it by the candidate's mean squared
+    Q(s, a) on the same transitions."""
     t, m, p = flat.shape
     tr = transitions_from_features(ctx, family)
     obs = torch.cat([tr["obs"], tr["next_obs"]], 1)  # one forward pass for s and s'
@@ -49,7 +53,12 @@ def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[
     action = tr["action"].unsqueeze(1).expand(t, m, c)
     q_sa = q_s.gather(-1, action.unsqueeze(-1)).squeeze(-1)
     target = bellman_target(tr["reward"].unsqueeze(1), tr["terminated"].unsqueeze(1), q_next.max(-1).values, gamma)
-    return ((q_sa - target) ** 2).mean(-1)
+    squared = ((q_sa - target) ** 2).mean(-1)
+    if score == "relative":
+        return squared / (q_sa**2).mean(-1).clamp(min=1e-6)
+    if score != "squared":
+        raise ValueError(f"unknown TD score {score!r} (one of: {', '.join(SCORES)})")
+    return squared
 
 
 class SelectQ(nn.Module):
@@ -59,8 +68,12 @@ class SelectQ(nn.Module):
     gamma: Tensor
 
     def __init__(self, family: Family, q_hidden: Sequence[int], hypernet: HyperQ | None, index: SiameseIndex | None,
-                 fixed: Tensor, k: int, gamma: float, fixed_names: Sequence[str] = ()):
+                 fixed: Tensor, k: int, gamma: float, fixed_names: Sequence[str] = (), score: str = "squared"):
         super().__init__()
+        if score not in SCORES:
+            raise ValueError(f"unknown TD score {score!r} (one of: {', '.join(SCORES)})")
+        self.score = score
+        """How TD errors are scored (``meta_train.select.score``)."""
         if fixed_names and len(fixed_names) != fixed.shape[0]:
             raise ValueError(f"{len(fixed_names)} names for {fixed.shape[0]} fixed networks")
         self.fixed_names = list(fixed_names) or [f"fixed-{i}" for i in range(fixed.shape[0])]
@@ -103,7 +116,7 @@ class SelectQ(nn.Module):
     def choose(self, ctx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(chosen flat parameters [T, P], chosen column [T], TD errors [T, M]); ties go to the first column."""
         flat = self.candidates(ctx)
-        err = td_errors(flat, ctx, self.family, self.shapes, float(self.gamma))
+        err = td_errors(flat, ctx, self.family, self.shapes, float(self.gamma), self.score)
         pick = err.argmin(1)
         return flat[torch.arange(len(pick)), pick], pick, err
 

@@ -95,8 +95,8 @@ def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool) -> 
     model = MetaModel(_model_config(params, name, data, encoder="oracle" if oracle else params.meta_train.encoder),
                       module=fit.model)
     return LearnerResult(name, model, {"val_selection_score": fit.val_score,
-                                       **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)}},
-                         fit.curves)
+                                       **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)},
+                                       **fit.gate}, fit.curves)
 
 
 def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
@@ -159,10 +159,11 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     fixed = torch.zeros(len(fixed_names), n_params(data.family.obs_dim, data.family.n_actions, params.dqn.hidden_sizes))
     for row, name in zip(fixed, fixed_names, strict=True):
         row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
-    module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names)
+    module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names,
+                     cfg.score)
     ids = list(data.train.tasks["task_id"]) if index is not None else []
-    model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names),
-                      module=module.eval())
+    model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
+                                    select_score=cfg.score), module=module.eval())
     # which learner each validation task's start comes from (the contexts val_zero_shot scores)
     _, pick, _ = module.choose(data.val.contexts.window(1))
     labels = module.source_learners()
