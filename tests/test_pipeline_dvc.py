@@ -8,6 +8,7 @@ import time
 import pytest
 import yaml
 
+from metadqn.config import load_params
 from metadqn.data.io import dvc_md5
 from tests.helpers import dvc
 
@@ -19,7 +20,8 @@ def test_dvc_repro_whole_tiny_pipeline_then_noop(tiny_project):
     outs = {o["path"]: o["md5"] for o in lock["stages"]["collect"]["outs"]}
     assert outs["data/trajectories"] == dvc_md5(project / "data" / "trajectories")
     metrics = json.loads((project / "reports" / "collect" / "metrics.json").read_text())
-    assert len(metrics["tasks"]) == 6
+    counts = load_params(project / "params.yaml").collect.counts()
+    assert len(metrics["tasks"]) == sum(counts.values()) == 7  # the tiny overlay: 3 + 1 + 1 + 1 + 1
     meta = json.loads((project / "reports" / "meta_train" / "metrics.json").read_text())
     assert {"hypernet", "siamese", "reptile", "multitask"} <= set(meta)
     assert (project / "models" / "meta" / "hypernet" / "model.pt").exists()
@@ -71,6 +73,6 @@ def _check_diagnosis(project, report: str) -> None:
         assert {split[t] for t in rows["nn_task"]} == {"train"}
         assert rows.loc[rows["split"] == "train", "embed_nn_ratio"].median() == pytest.approx(1.0)
     summary = json.loads((project / "reports" / "diagnosis" / "summary.json").read_text())
-    assert set(summary["hypernet"]) == {"train", "val", "interp", "extrap"}
+    assert set(summary["hypernet"]) == {"train", "val", "val_extrap", "interp", "extrap"}
     assert all(-1.5 < m["ret_expert_phys_nn"] < 1.5 for m in summary["hypernet"].values())
     assert "generator at the nearest training embedding" in report

@@ -54,7 +54,7 @@ def test_second_scheduled_run_trains_only_the_new_tasks_and_registers_a_challeng
     assert len(pool) == 3 + 2 + 2 and list(pool["batch"].unique()) == ["initial", FIRST, SECOND]
     held_out = pd.read_parquet(project / "data" / "tasks.parquet").query("split != 'train'")
     assert not set(held_out["task_id"]) & set(pool["task_id"])
-    assert "collect: trained 8 task(s)" in first  # 3 + 2 training tasks and 3 held-out
+    assert "collect: trained 9 task(s)" in first  # 3 + 2 training, 4 held-out (val, val_extrap, interp, extrap)
     assert "collect: trained 2 task(s)" in second
     assert "metadqn-cartpole-mirrored-hypernet: version 1 (challenger)" in first
     assert "metadqn-cartpole-mirrored-hypernet: version 2 (challenger)" in second
