@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from metadqn.evaluation.diagnosis import MEAN_COLUMNS, _gate, _nn, _ratio, _ridge_probe, summarise_diagnosis
+from metadqn.evaluation.diagnosis import MEAN_COLUMNS, _nn, _ratio, _ridge_probe, summarise_diagnosis
 
 
 def test_nearest_training_task_is_never_the_task_itself():
@@ -20,9 +20,6 @@ def test_nearest_training_task_is_never_the_task_itself():
     assert dist.tolist() == pytest.approx([1.0, 1.0, 2.0, 7.0])
     ratio = _ratio(dist, train)
     assert np.median(ratio[train]) == pytest.approx(1.0) and ratio[3] == pytest.approx(7.0)
-    # only the held-out row is farther out than every training row: the gate switches it alone
-    assert _gate(ratio, train).tolist() == [False, False, False, True]
-    assert not _gate(np.array([1.0, 1.0, 2.0, 1.5]), train).any()
 
 
 def test_physics_probe_extrapolates_a_linear_code_and_not_a_folded_one():

@@ -219,7 +219,7 @@ def test_meta_train_jobs_give_the_in_order_result_in_any_order_and_thread_count(
     in reverse order, from a process of another thread count, must give exactly what training them in
     order gives."""
     from metadqn.meta.dataset import load_meta_data
-    from metadqn.meta.hypernet import combine_seeds, fit_hypernet
+    from metadqn.meta.hypernet import combine_seeds, fit_hypernet, teacher_indices
     from metadqn.stages.meta_train import FitJob, fit_job, learner_names, plan_jobs
 
     params, store, *_ = tiny_run
@@ -231,16 +231,19 @@ def test_meta_train_jobs_give_the_in_order_result_in_any_order_and_thread_count(
     assert {j.learner for j in jobs[3:]} == {"siamese", "reptile", "multitask"} and "select" not in jobs
 
     data = load_meta_data(store, params)
+    splits = ["train"] * len(data.train.matrix) + list(data.val.tasks["split"])
+    scores = np.random.default_rng(0).uniform(size=(len(data.train.matrix), len(splits)))
+    teachers = teacher_indices(params.meta_train.hypernet, scores, splits)
     torch.set_num_threads(1)
-    reference = fit_hypernet(data, params)
+    reference = fit_hypernet(data, params, teachers=teachers)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        fits = [fit_job(data, params, np.zeros(0), FitJob("hypernet", s)) for s in (1, 0)]
+        fits = [fit_job(data, params, scores, FitJob("hypernet", s)) for s in (1, 0)]
         assert torch.get_num_threads() == 2  # the job's one thread is given back
     finally:
         torch.set_num_threads(threads)
-    got = combine_seeds(data, params, False, fits)
+    got = combine_seeds(data, params, False, fits, teachers)
     assert got.val_score == reference.val_score and got.seed_scores == reference.seed_scores
     assert got.curves == reference.curves
     want = reference.model.state_dict()
@@ -266,3 +269,51 @@ def test_validation_splits_weigh_the_same_in_every_selection(tiny_run):
     assert split.balanced_mean(np.array([1.0, 1.0, 1.0, 0.0])) == 0.5  # not the pooled 0.75
     split.tasks = three.assign(split="val")
     assert split.balanced_mean(np.array([1.0, 1.0, 1.0, 0.0])) == 0.75
+
+
+def test_robust_teacher_is_the_broadest_expert_that_solves_the_task():
+    """``hypernet.teacher: robust``: each training task is taught by the expert that does best over all
+    tasks (each split weighing the same) among those within the tolerance of the task's best score;
+    ``own`` keeps every task's expert."""
+    from metadqn.config import HypernetConfig
+    from metadqn.meta.hypernet import teacher_indices
+
+    s = np.array([  # expert i (row) on task j (column): four training tasks, then an out-of-range validation task
+        [1.00, 0.00, 0.00, 0.00, 0.0],
+        [0.00, 1.00, 0.00, 0.97, 0.9],  # solves tasks 1 and 3, and the out-of-range one
+        [0.98, 0.00, 1.00, 0.96, 0.1],  # solves tasks 0, 2 and 3: the broadest on the training tasks alone
+        [0.00, 0.00, 0.00, 1.00, 0.0],
+    ])
+    splits = ["train"] * 4 + ["val_extrap"]
+    robust = HypernetConfig(teacher="robust", teacher_tolerance=0.05)
+    assert teacher_indices(robust, s, splits) == [2, 1, 2, 1]
+    assert teacher_indices(robust, s[:, :4], splits[:4]) == [2, 1, 2, 2]  # without the validation task
+    # a stricter tolerance leaves tasks 0 and 3 to their own experts
+    assert teacher_indices(robust.model_copy(update={"teacher_tolerance": 0.01}), s, splits) == [0, 1, 2, 3]
+    # equal breadth: the task's own expert wins the tie
+    assert teacher_indices(robust, np.ones((2, 2)), ["train", "train"]) == [0, 1]
+    assert teacher_indices(HypernetConfig(), s, splits) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="cross-evaluation"):
+        teacher_indices(robust, None, splits)
+    with pytest.raises(ValueError, match="training tasks first"):
+        teacher_indices(robust, s, ["val_extrap", *splits[1:]])
+
+
+def test_distillation_targets_come_from_each_tasks_teacher(tiny_run):
+    """The hypernet imitates the teacher's Q-values on the task's own states (and its DAgger labels)."""
+    from metadqn.meta.dataset import expert_q, load_meta_data
+    from metadqn.meta.hypernet import _base_pool
+
+    params, store, *_ = tiny_run
+    data = load_meta_data(store, params)
+    hidden = params.dqn.hidden_sizes
+    n = len(data.experts)
+    teachers = [n - 1 - j for j in range(n)]
+    pool = _base_pool(data, hidden, teachers)
+    own = _base_pool(data, hidden, None)
+    for j in range(n):
+        want = expert_q(data.family, [data.experts[teachers[j]]], hidden, [data.states[j]])[0]
+        k = min(len(want), int(pool.count[j]))
+        assert torch.allclose(pool.q[j, :k], torch.as_tensor(want[-k:]), atol=1e-5)
+        assert torch.equal(pool.obs[j], own.obs[j])
+    assert not torch.equal(pool.q, own.q)

@@ -241,6 +241,14 @@ class HypernetConfig(_Section):
     """Also train hypernet-oracle (fed the true physics) as an analysis reference."""
     oracle_seeds: int = Field(1, ge=1)
     """Seeds of hypernet-oracle (an analysis reference, so one by default)."""
+    teacher: Literal["own", "robust"] = "own"
+    """Which expert the generated network of each training task imitates
+    (:func:`metadqn.meta.hypernet.teacher_indices`): ``own``, the task's own expert; ``robust``, among the
+    experts that do about as well on the task (within ``teacher_tolerance`` of its best cross-evaluation
+    score), the one that does best over the training and validation tasks, each split weighing the same."""
+    teacher_tolerance: float = Field(0.05, ge=0, le=1)
+    """``robust``: how far below the best normalised cross-evaluation score on a task an expert may fall and
+    still teach it."""
     gate: Literal["off", "validated", "on"] = "validated"
     """The out-of-range gate (:meth:`metadqn.meta.hypernet.HyperQ.set_gate`): a task whose embedding lies
     outside the training tasks' gets the nearest training task's embedding. ``validated``: kept only if it

@@ -28,6 +28,8 @@ class Salt(IntEnum):
     """Reptile's initialisation and inner-loop seeds."""
     MULTITASK = 11
     """The multitask DQN run."""
+    GATE = 13
+    """Start states of the validation zero-shot that decides the hypernet's out-of-range gate."""
     VAL_ZERO_SHOT = 99
     """Contexts and start states of the validation zero-shot figure."""
 

@@ -92,12 +92,6 @@ def _ratio(dist: np.ndarray, train: np.ndarray) -> np.ndarray:
     return dist / max(ref, 1e-12)
 
 
-def _gate(ratio: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Where a task's embedding is farther from the training embeddings than any training task's is from
-    the others (so no training task is ever gated)."""
-    return ratio > ratio[train].max()
-
-
 def _ridge_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
     """Per row: mean absolute error of a ridge map x -> y fitted on the training rows."""
     xt = np.concatenate([x, np.ones((len(x), 1))], 1)
@@ -202,7 +196,10 @@ def diagnose(params: Params, store: TaskStore, models: Path) -> pd.DataFrame:
                  else np.ones(len(ids), bool))
         gen_nn = [gen[r] for r in nn_rows]
         ratio = _ratio(e_dist, train)
-        gated = _gate(ratio, train)
+        gating = copy.deepcopy(module)  # the gate's own rule (HyperQ.set_gate), on this stage's contexts
+        gating.set_gate(emb[train_rows])
+        with torch.no_grad():
+            gated = gating.embed(x)[1].numpy()
         gen_gate = [b if g else a for a, b, g in zip(gen, gen_nn, gated, strict=True)]
         cmp = _compare_q(q_on_states(gen), q_expert)
         cmp_nn = _compare_q(q_on_states(gen_nn), q_expert)

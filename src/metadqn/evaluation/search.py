@@ -18,10 +18,11 @@ validation splits (a read of a test task raises ``LeakageError``), and its conte
 Groups. Candidates that differ only in per-slot levers (start_epsilon, the anchor's weights, the protected
 share, shrink; see :mod:`metadqn.dqn.levers`) train together in one batched run of every (candidate,
 method, validation task, seed) slot, because a batched run's per-step overhead is paid once for all its
-slots: the default seven candidates train as two sets instead of seven (measured on 2 cores, one seed per
-task: 191 s instead of 292 s), each set split into runs of at most :data:`GROUP_SLOTS` slots so that two
-workers share the work evenly. Each slot's result is still that of its own configuration; the random draws of a slot
-depend on its place in the run, so candidates are not compared under common random numbers.
+slots: the default candidates train as two sets instead of one run each (measured on 2 cores, one seed per
+task, seven candidates: 191 s instead of 292 s), each set split into runs of at most :data:`GROUP_SLOTS`
+slots so that two workers share the work evenly. Each slot's result is still that of its own
+configuration; the random draws of a slot depend on its place in the run, so candidates are not compared
+under common random numbers.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from metadqn.dqn.qnetwork import (
 )
 from metadqn.dqn.trainer import bellman_target, update_target
 from metadqn.meta.context import ContextEncoder
-from metadqn.seeding import derive_seed
+from metadqn.seeding import Salt, derive_seed
 
 if TYPE_CHECKING:  # annotations only; fit_hypernet imports metadqn.meta.dataset lazily, as before
     from metadqn.envs.families import Family
@@ -115,6 +115,11 @@ class HyperQ(nn.Module):
         """One ordinary QNetwork state_dict per task."""
         flat = self(task_input)
         return [{k: v.clone() for k, v in unflatten_state_dict(row, self.shapes).items()} for row in flat]
+
+
+def hypernet_name(oracle: bool) -> str:
+    """The learner's name: ``hypernet-oracle`` is fed the physics, ``hypernet`` a context."""
+    return "hypernet-oracle" if oracle else "hypernet"
 
 
 @dataclass
@@ -269,14 +274,50 @@ def n_seeds(cfg: HypernetConfig, oracle: bool) -> int:
     return cfg.oracle_seeds if oracle else cfg.n_seeds
 
 
-def _base_pool(data, hidden: list[int]) -> StatePool:
+def teacher_indices(cfg: HypernetConfig, scores: np.ndarray | None, splits: Sequence[str]) -> list[int]:
+    """The expert (its training-task index) whose Q-values teach each training task's generated network.
+
+    ``scores``: the normalised cross-evaluation matrix, expert i (a training task's) on task j, whose
+    columns are the tasks of ``splits`` (``train`` first, then the validation splits). ``hypernet.teacher:
+    own``: each task's own expert. ``robust``: among the experts whose score on training task j is within
+    ``teacher_tolerance`` of the best expert's, the broadest: the highest mean score over every task, each
+    split weighing the same (ties: the task's own expert, then the lowest index). Why: out of range even the
+    physically nearest training task's own expert transfers poorly, while retrieval by how experts transfer
+    (siamese) does well (README, the diagnosis); experts differ widely in how far they transfer, and a
+    generator that maps many tasks to a few broad teachers has less to extrapolate. The out-of-range
+    validation tasks weigh as much as the training tasks because every training expert is near-perfect on
+    most training tasks, so they are what tells the broad experts apart. Every teacher still solves its
+    task (on the cross-evaluation's episodes)."""
+    split = np.asarray(splits)
+    n_train = int((split == "train").sum())
+    if cfg.teacher == "own":
+        return list(range(n_train))
+    if scores is None or scores.shape != (n_train, len(split)) or (split[:n_train] != "train").any():
+        raise ValueError(f"hypernet.teacher robust needs the cross-evaluation scores of the {n_train} training "
+                         f"experts on the {len(split)} tasks, training tasks first")
+    breadth = np.mean([scores[:, split == name].mean(1) for name in dict.fromkeys(split.tolist())], axis=0)
+    picks = []
+    for j in range(n_train):
+        able = np.flatnonzero(scores[:, j] >= scores[:, j].max() - cfg.teacher_tolerance)
+        broadest = able[breadth[able] >= breadth[able].max() - 1e-12]
+        picks.append(j if j in broadest else int(broadest[0]))
+    return picks
+
+
+def _teachers(data, teachers: Sequence[int] | None) -> list[StateDict]:
+    return list(data.experts) if teachers is None else [data.experts[j] for j in teachers]
+
+
+def _base_pool(data, hidden: list[int], teachers: Sequence[int] | None) -> StatePool:
+    """Each training task's distillation states (its own expert's rollouts and replay) with its teacher's
+    Q-values."""
     from metadqn.meta.dataset import expert_q
 
-    base_q = expert_q(data.family, data.experts, hidden, data.states)
+    base_q = expert_q(data.family, _teachers(data, teachers), hidden, data.states)
     return StatePool.from_lists(data.states, base_q, max(len(s) for s in data.states))
 
 
-def fit_hypernet_seed(data, params, oracle: bool, s: int) -> SeedFit:
+def fit_hypernet_seed(data, params, oracle: bool, s: int, teachers: Sequence[int] | None = None) -> SeedFit:
     """Trains the hypernetwork of seed ``s``; keeps its best checkpoint on validation zero-shot.
 
     Seeds are independent (each starts from its own torch seed and generator) and train on one thread
@@ -285,10 +326,10 @@ def fit_hypernet_seed(data, params, oracle: bool, s: int) -> SeedFit:
     from metadqn.determinism import one_thread
 
     with one_thread():
-        return _fit_seed(data, params, oracle, s)
+        return _fit_seed(data, params, oracle, s, teachers)
 
 
-def _fit_seed(data, params, oracle: bool, s: int) -> SeedFit:
+def _fit_seed(data, params, oracle: bool, s: int, teachers: Sequence[int] | None) -> SeedFit:
     import time
 
     from metadqn.dqn.trainer import configure_torch, make_optimizer
@@ -299,9 +340,9 @@ def _fit_seed(data, params, oracle: bool, s: int) -> SeedFit:
     mt, cfg, dqn, family = params.meta_train, params.meta_train.hypernet, params.dqn, data.family
     configure_torch()
     hidden = dqn.hidden_sizes
-    base = _base_pool(data, hidden)
-    experts_net = batched(family, data.experts, hidden)
-    name = "hypernet-oracle" if oracle else "hypernet"
+    base = _base_pool(data, hidden, teachers)
+    experts_net = batched(family, _teachers(data, teachers), hidden)  # labels the DAgger states
+    name = hypernet_name(oracle)
     in_dim = data.train.physics.shape[1] if oracle else feature_dim(family)
     curves: list[tuple[str, int, float]] = []
     val_input = data.val.physics if oracle else data.val.contexts.first()
@@ -347,13 +388,14 @@ def _fit_seed(data, params, oracle: bool, s: int) -> SeedFit:
     return SeedFit(s, best[0], best[1], curves, time.perf_counter() - start)
 
 
-def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit]) -> FitResult:
+def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit],
+                  teachers: Sequence[int] | None = None) -> FitResult:
     """The best seed's checkpoint (ties: the lowest seed), with the value offset calibrated on the
     training tasks; curves in seed order."""
     from metadqn.meta.context import feature_dim
 
     mt, cfg, family = params.meta_train, params.meta_train.hypernet, data.family
-    name = "hypernet-oracle" if oracle else "hypernet"
+    name = hypernet_name(oracle)
     fits = sorted(fits, key=lambda f: f.seed)
     if [f.seed for f in fits] != list(range(n_seeds(cfg, oracle))):
         raise ValueError(f"{name}: seed fits {[f.seed for f in fits]} are not seeds 0..{n_seeds(cfg, oracle) - 1}")
@@ -364,7 +406,7 @@ def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit]) -> FitRes
     final = HyperQ(ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim),
                    mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, params.dqn.hidden_sizes, 0)
     final.load_state_dict(winner.state)
-    base = _base_pool(data, params.dqn.hidden_sizes)
+    base = _base_pool(data, params.dqn.hidden_sizes, teachers)
     gen = torch.Generator().manual_seed(mt.seed)
     obs, q = base.sample(cfg.batch_states, gen)
     offset = calibrate_value_offset(final, data.train.physics if oracle else data.train.contexts.sample(gen), obs, q)
@@ -383,14 +425,15 @@ def _choose_gate(model: HyperQ, data, params, oracle: bool) -> dict[str, float]:
     if mode == "off":
         return {"gate": 0.0}
     with torch.no_grad():
-        model.set_gate(model.encoder(data.train.physics if oracle else data.train.contexts.first()))
+        points = model.encoder(data.train.physics if oracle else data.train.contexts.first())
+    model.set_gate(points)
     if mode == "on":
         return {"gate": 1.0}
     val_input = data.val.physics if oracle else data.val.contexts.first()
 
     def score() -> float:
         returns = greedy_returns(data.family, data.val.matrix, model.generate(val_input), params.dqn.hidden_sizes,
-                                 mt.eval_episodes, derive_seed(mt.seed, int(oracle), 7))
+                                 mt.eval_episodes, derive_seed(mt.seed, int(oracle), Salt.GATE))
         return data.val.balanced_mean(data.val.scale(returns))
 
     with torch.no_grad():
@@ -400,15 +443,16 @@ def _choose_gate(model: HyperQ, data, params, oracle: bool) -> dict[str, float]:
     off = score()
     keep = on > off
     if keep:
-        with torch.no_grad():
-            model.set_gate(model.encoder(data.train.physics if oracle else data.train.contexts.first()))
+        model.set_gate(points)
     log.info("gate: validation zero-shot %.3f with, %.3f without (fires on %.0f%% of validation tasks): %s",
              on, off, 100 * fired, "on" if keep else "off")
     return {"gate": float(keep), "gate_val_with": on, "gate_val_without": off, "gate_val_fired": fired}
 
 
-def fit_hypernet(data, params, oracle: bool = False) -> FitResult:
+def fit_hypernet(data, params, oracle: bool = False, teachers: Sequence[int] | None = None) -> FitResult:
     """Trains ``n_seeds`` hypernetworks on the training tasks, one after another; keeps the best on
-    validation zero-shot. The meta_train stage trains the seeds in parallel instead (same result)."""
-    return combine_seeds(data, params, oracle, [fit_hypernet_seed(data, params, oracle, s)
-                                                for s in range(n_seeds(params.meta_train.hypernet, oracle))])
+    validation zero-shot. The meta_train stage trains the seeds in parallel instead (same result).
+    ``teachers``: :func:`teacher_indices` (None: every task's own expert)."""
+    return combine_seeds(data, params, oracle, [fit_hypernet_seed(data, params, oracle, s, teachers)
+                                                for s in range(n_seeds(params.meta_train.hypernet, oracle))],
+                         teachers)

@@ -83,19 +83,32 @@ def train_hypernet(data: MetaData, params: Params, scores: np.ndarray | None = N
     """Every seed one after another (the stage trains them as separate jobs: :func:`plan_jobs`)."""
     from metadqn.meta.hypernet import fit_hypernet
 
-    return _hypernet_result(data, params, fit_hypernet(data, params, oracle=oracle), oracle)
+    fit = fit_hypernet(data, params, oracle=oracle, teachers=_teachers(data, params, scores))
+    return _hypernet_result(data, params, fit, oracle, scores)
 
 
 def train_hypernet_oracle(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
     return train_hypernet(data, params, scores, oracle=True)
 
 
-def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool) -> LearnerResult:
-    name = "hypernet-oracle" if oracle else "hypernet"
+def _teachers(data: MetaData, params: Params, scores: np.ndarray | None) -> list[int]:
+    from metadqn.meta.hypernet import teacher_indices
+
+    splits = ["train"] * len(data.train.matrix) + list(data.val.tasks["split"])
+    return teacher_indices(params.meta_train.hypernet, scores, splits)
+
+
+def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool,
+                     scores: np.ndarray | None) -> LearnerResult:
+    from metadqn.meta.hypernet import hypernet_name
+
+    name = hypernet_name(oracle)
     model = MetaModel(_model_config(params, name, data, encoder="oracle" if oracle else params.meta_train.encoder),
                       module=fit.model)
+    teachers = _teachers(data, params, scores)
     return LearnerResult(name, model, {"val_selection_score": fit.val_score,
                                        **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)},
+                                       "distinct_teachers": float(len(set(teachers))),
                                        **fit.gate}, fit.curves)
 
 
@@ -243,7 +256,7 @@ def fit_job(data: MetaData, params: Params, scores: np.ndarray, job: FitJob) -> 
     if job.seed is not None:
         from metadqn.meta.hypernet import fit_hypernet_seed
 
-        return fit_hypernet_seed(data, params, HYPERNETS[job.learner], job.seed)
+        return fit_hypernet_seed(data, params, HYPERNETS[job.learner], job.seed, _teachers(data, params, scores))
     return train_one(job.learner, data, params, scores)
 
 
@@ -259,9 +272,10 @@ def assemble(names: list[str], jobs: list[FitJob], outputs: list[Any], data: Met
         if name in HYPERNETS:
             start = time.perf_counter()
             fits = [out for job, out in done.items() if job.learner == name]
-            fit = combine_seeds(data, params, HYPERNETS[name], fits)
+            fit = combine_seeds(data, params, HYPERNETS[name], fits, _teachers(data, params, scores))
             wall_s = sum(f.wall_s for f in fits) + time.perf_counter() - start
-            results[name] = _measured(_hypernet_result(data, params, fit, HYPERNETS[name]), data, params, wall_s)
+            result = _hypernet_result(data, params, fit, HYPERNETS[name], scores)
+            results[name] = _measured(result, data, params, wall_s)
         elif not get_learner(name).needs:
             results[name] = done[FitJob(name)]
     built = {n: r.model for n, r in results.items()}
