@@ -22,6 +22,10 @@ _OFFLINE_DEFAULTS = {
 for _key, _value in _OFFLINE_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+# Prefect waits 20 s for the temporary API server a flow starts when no server is named; on a loaded
+# 2-core machine (a replicate run beside the test suite) it took longer, and 3 tests failed on that
+# timeout alone. A server that never comes up still ends in one line, after 2 minutes.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 # before torch or numpy loads anywhere: their CPU kernels pinned for byte-identical results across machines
 from metadqn.determinism import pin_environment  # noqa: E402
