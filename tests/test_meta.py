@@ -59,13 +59,16 @@ def test_the_gate_hands_an_out_of_range_task_the_nearest_training_embedding_and_
     torch.nn.init.normal_(model.head.weight, std=0.05)
     train = torch.randn(5, 10, F_DIM)
     far = train[2:3] * 40.0  # the same transitions, scaled far out of the training region
+    near = train[0:1] + 1e-3 * torch.randn_like(train[0:1])  # a new task, but inside the training region
     with torch.no_grad():
         points = model.encoder(train)
         ungated = model(torch.cat([train, far]))
         model.set_gate(points)
         emb, gated = model.embed(torch.cat([train, far]))
         flat = model(torch.cat([train, far]))
+        near_gated = model.embed(near)[1]
     assert gated.tolist() == [False] * 5 + [True]  # never on a training task
+    assert not near_gated.any()  # only beyond the radius: a new task close to a training one keeps its own
     # the radius: the farthest any training task is from its nearest other one
     apart = [min(float((points[i] - points[j]).norm()) for j in range(5) if j != i) for i in range(5)]
     assert abs(float(model.gate_radius) - max(apart)) < 1e-5
