@@ -145,3 +145,25 @@ def test_search_runs_are_capped_and_hold_each_slot_once(tiny_run, monkeypatch):
                       for c, m, t, s in zip(g.candidates, g.methods, g.task_ids, g.seeds, strict=True))
 
     assert slots(split) == slots(whole) and len(set(slots(split))) == len(slots(split))
+
+
+def test_a_fresh_candidate_is_not_trained_its_rows_are_scratchs(tiny_run):
+    """``shrink: 0`` with no other lever trains exactly what scratch trains, so the search reuses scratch's
+    reference runs for it instead of running them again."""
+    from metadqn.evaluation.search import plan_search
+
+    params, store, meta, _, _ = tiny_run
+    mt = params.meta_test
+    search = mt.search.model_validate({"seeds": 1, "candidates": {"dqn": {}, "fresh": {"shrink": 0.0},
+                                                                  "half": {"shrink": 0.5}}})
+    params = params.model_copy(update={"meta_test": mt.model_copy(update={"search": search})})
+    planned = {c for g in plan_search(params, store, meta.models) for c in g.candidates}
+    assert planned == {"dqn", "half", SCRATCH_REFERENCE}
+    result = run_search(params, store, meta.models)
+    summary = result.summary
+    ref = summary[summary["method"] == "scratch"].iloc[0]
+    fresh = summary[summary["candidate"] == "fresh"]
+    assert set(fresh["method"]) == set(summary["method"]) - {"scratch"}
+    for col in ("auc_iqm", "final_iqm", "zero_shot_iqm", "min_curve_iqm", "selection_score"):
+        assert (fresh[col] == ref[col]).all(), col
+    assert not (summary.loc[summary["candidate"] == "half", "auc_iqm"] == ref["auc_iqm"]).all()

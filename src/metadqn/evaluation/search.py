@@ -22,7 +22,8 @@ slots: the default candidates train as two sets instead of one run each (measure
 task, seven candidates: 191 s instead of 292 s), each set split into runs of at most :data:`GROUP_SLOTS`
 slots so that two workers share the work evenly. Each slot's result is still that of its own
 configuration; the random draws of a slot depend on its place in the run, so candidates are not compared
-under common random numbers.
+under common random numbers. A candidate that keeps nothing of the start (:data:`FRESH`, ``shrink: 0``
+and no other lever) is not trained: its runs would be scratch's, so scratch's reference runs stand for it.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> list[Protocol
     configs = {**search.candidates, SCRATCH_REFERENCE: FinetuneConfig()}
     batches: dict[str, list[str]] = {}
     for name, ft in configs.items():  # scratch (the reference) joins the plain-DQN run, if there is one
-        batches.setdefault(shared_part(ft).model_dump_json(), []).append(name)
+        if not _reuses_scratch(ft):
+            batches.setdefault(shared_part(ft).model_dump_json(), []).append(name)
     n = len(tasks)
     groups = []
     for names in batches.values():
@@ -101,6 +103,17 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> list[Protocol
         for slots in _chunks(every, GROUP_SLOTS):
             groups.append(_search_group(slots, names, configs, init, prefill, matrix, tasks, params))
     return groups
+
+
+FRESH = FinetuneConfig(shrink=0.0)
+"""A candidate that keeps nothing of the start and sets no other lever: every run of it is the run scratch
+makes on the same slot (a fresh network of the slot's own seed, trained with the dqn section; meta-test
+gives both the same slot seeds), so the search does not train it again: its rows are scratch's reference
+runs, relabelled (:func:`_reuse_scratch`)."""
+
+
+def _reuses_scratch(ft: FinetuneConfig) -> bool:
+    return ft == FRESH
 
 
 GROUP_SLOTS = 96
@@ -161,13 +174,23 @@ def run_search(params: Params, store: TaskStore, models: Path,
         curve["step"] = curve["step"] + c
         curve["normalised_return"] = scale.column(curve["return"], curve["task_id"])
         frames.append(curve.assign(split=curve["task_id"].map(split_of)).drop(columns="slot"))
-    curves = pd.concat(frames, ignore_index=True)
+    curves = _reuse_scratch(pd.concat(frames, ignore_index=True), mt.search.candidates,
+                            searched_methods(params, models))
     scores = pd.concat([per_run_scores(g.drop(columns="candidate"), mt.threshold, mt.budget_steps)
                         .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
                        ignore_index=True)
     summary = summarise_search(scores, curves, params)
     selected = select(summary, params)
     return SearchResult(summary, scores, selected)
+
+
+def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], methods: list[str]) -> pd.DataFrame:
+    """Adds, for every candidate that reuses scratch's runs (:data:`FRESH`), scratch's reference curves as
+    that candidate's for every searched method."""
+    reused = [name for name, ft in candidates.items() if _reuses_scratch(ft)]
+    ref = curves[curves["candidate"] == SCRATCH_REFERENCE]
+    copies = [ref.assign(method=m, candidate=name) for name in reused for m in methods]
+    return pd.concat([curves, *copies], ignore_index=True) if copies else curves
 
 
 SUMMARY_COLUMNS = ["method", "candidate", "runs", "zero_shot_iqm", "auc_iqm", "auc_ci_low", "auc_ci_high",
