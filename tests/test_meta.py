@@ -89,6 +89,53 @@ def test_the_gate_hands_an_out_of_range_task_the_nearest_training_embedding_and_
         torch.testing.assert_close(model(torch.cat([train, far])), ungated)
 
 
+def _pushes(n_tasks: int, force: float, sign: float, seed: int) -> torch.Tensor:
+    """Contexts [T, 64, F] of a toy task: action 1 pushes the first state variable by +sign * force, action 0
+    by -sign * force, on top of state-dependent noise of a fixed size."""
+    from metadqn.meta.context import features_from_arrays
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_tasks):
+        obs = rng.normal(size=(64, FAMILY.obs_dim)).astype(np.float32)
+        action = rng.integers(0, 2, 64)
+        nxt = obs + 0.05 * rng.normal(size=obs.shape).astype(np.float32)
+        nxt[:, 0] += sign * force * (2 * action - 1)
+        out.append(features_from_arrays({"obs": obs, "next_obs": nxt, "action": action, "reward": np.ones(64),
+                                         "terminated": np.zeros(64)}, FAMILY))
+    return torch.as_tensor(np.stack(out))
+
+
+def test_action_effect_reads_which_way_an_action_pushes_also_out_of_range_and_survives_a_save(tmp_path):
+    from metadqn.meta.context import ContextSampler, build_encoder
+    from metadqn.meta.model import MetaModelConfig
+
+    torch.manual_seed(0)
+    train = torch.cat([_pushes(4, 1.0, 1.0, 0), _pushes(4, 1.0, -1.0, 1)])
+    enc = build_encoder("deepset", FAMILY, 16, 4, action_effect=True).fit(ContextSampler(list(train), 64))
+    assert enc.effect is not None and float(enc.effect.lo) < float(enc.effect.hi)
+    with torch.no_grad():
+        for force in (1.0, 0.02, 30.0):  # in range, a far weaker push, a far stronger one
+            for sign in (1.0, -1.0):
+                ctx = _pushes(3, force, sign, 7)
+                effect = enc.effect(ctx, enc.scale(ctx))
+                # [action 0's effect on the 4 state variables, action 1's, clipped log-size]
+                assert torch.all(torch.sign(effect[:, 4]) == sign) and torch.all(torch.sign(effect[:, 0]) == -sign)
+                assert torch.all(effect[:, -1] >= enc.effect.lo) and torch.all(effect[:, -1] <= enc.effect.hi)
+                mirrored = ctx.clone()
+                mirrored[..., 4:6] = ctx[..., [5, 4]]  # the same transitions with the actions swapped
+                torch.testing.assert_close(enc.effect(mirrored, enc.scale(mirrored))[:, :-1], -effect[:, :-1])
+        model = HyperQ(enc, 4, 16, FAMILY.obs_dim, FAMILY.n_actions, [16, 16], base_seed=5)
+        torch.nn.init.normal_(model.head.weight, std=0.05)
+        flat = model(train)
+    cfg = MetaModelConfig(learner="hypernet", family=FAMILY.name, q_hidden=[16, 16], context_size=64, embed_dim=4,
+                          encoder_hidden=16, hidden=16)
+    MetaModel(cfg, module=model.eval()).save(tmp_path / "h")
+    loaded = MetaModel.load(tmp_path / "h").module
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(train), flat)
+
+
 def test_siamese_distance_is_symmetric_and_zero_on_identical_contexts():
     torch.manual_seed(0)
     enc = ContextEncoder("deepset", F_DIM, 32, 8)
@@ -300,6 +347,29 @@ def test_robust_teacher_is_the_broadest_expert_that_solves_the_task():
         teacher_indices(robust, None, splits)
     with pytest.raises(ValueError, match="training tasks first"):
         teacher_indices(robust, s, ["val_extrap", *splits[1:]])
+
+
+def test_local_teacher_is_broad_among_the_tasks_like_its_student():
+    """``hypernet.teacher: local``: breadth weighs each task by how well the student task's own expert does
+    on it, so an expert that half-solves the other kind of task does not win for that reason."""
+    from metadqn.config import HypernetConfig
+    from metadqn.meta.hypernet import teacher_indices
+
+    s = np.array([  # tasks 0, 1 and validation task 4 are of kind A; 2, 3 and 5 of kind B
+        [1.00, 1.00, 0.00, 0.00, 1.00, 0.00],
+        [1.00, 1.00, 0.60, 0.60, 0.50, 0.90],  # solves kind A in range only, half of kind B: broadest overall
+        [0.00, 0.00, 1.00, 1.00, 0.00, 1.00],
+        [0.00, 0.00, 1.00, 1.00, 0.00, 0.20],
+    ])
+    splits = ["train"] * 4 + ["val_extrap"] * 2
+    robust = HypernetConfig(teacher="robust", teacher_tolerance=0.05)
+    assert teacher_indices(robust, s, splits) == [1, 1, 2, 2]
+    local = robust.model_copy(update={"teacher": "local"})
+    # task 0: weighed by expert 0's scores, only kind A counts, where expert 0 is perfect and expert 1 fails
+    # the validation task; task 1's own expert is expert 1, whose scores weigh kind B too, so it stays
+    assert teacher_indices(local, s, splits) == [0, 1, 2, 2]
+    # an expert that fails even its own task weighs nothing: unweighted breadth, and the tie goes to it
+    assert teacher_indices(local, np.zeros((2, 3)), ["train", "train", "val"]) == [0, 1]
 
 
 def test_distillation_targets_come_from_each_tasks_teacher(tiny_run):

@@ -241,14 +241,16 @@ class HypernetConfig(_Section):
     """Also train hypernet-oracle (fed the true physics) as an analysis reference."""
     oracle_seeds: int = Field(1, ge=1)
     """Seeds of hypernet-oracle (an analysis reference, so one by default)."""
-    teacher: Literal["own", "robust"] = "own"
+    teacher: Literal["own", "robust", "local"] = "own"
     """Which expert the generated network of each training task imitates
     (:func:`metadqn.meta.hypernet.teacher_indices`): ``own``, the task's own expert; ``robust``, among the
     experts that do about as well on the task (within ``teacher_tolerance`` of its best cross-evaluation
-    score), the one that does best over the training and validation tasks, each split weighing the same."""
+    score), the one that does best over the training and validation tasks, each split weighing the same;
+    ``local``, the same but each task weighted by how well the task's own expert does on it (broad among
+    the tasks like this one, not across the whole family)."""
     teacher_tolerance: float = Field(0.05, ge=0, le=1)
-    """``robust``: how far below the best normalised cross-evaluation score on a task an expert may fall and
-    still teach it."""
+    """``robust`` and ``local``: how far below the best normalised cross-evaluation score on a task an
+    expert may fall and still teach it."""
     gate: Literal["off", "validated", "on"] = "validated"
     """The out-of-range gate (:meth:`metadqn.meta.hypernet.HyperQ.set_gate`): a task whose embedding lies
     outside the training tasks' gets the nearest training task's embedding. ``validated``: kept only if it
@@ -325,6 +327,10 @@ class SelectConfig(_Section):
         return v
 
 
+EffectLearner = Literal["hypernet", "siamese"]
+_EFFECT_DEFAULT: list[EffectLearner] = ["hypernet"]
+
+
 class MetaTrainConfig(_Section):
     """The meta_train stage."""
 
@@ -339,6 +345,9 @@ class MetaTrainConfig(_Section):
     """Context encoder: permutation-invariant mean-pooled MLP, or a GRU over the transition sequence."""
     features: Literal["inferred", "oracle"] = "inferred"
     """Task features of the main hypernet: inferred from the context, or the true physics (analysis only)."""
+    action_effect: list[EffectLearner] = Field(default_factory=lambda: _EFFECT_DEFAULT.copy())
+    """The learners whose context encoder also reads each action's mean effect on the state change, as a
+    unit direction plus its clipped log-size (:class:`metadqn.meta.context.ActionEffect`); [] for none."""
     embed_dim: int = Field(32, ge=1)
     """Task embedding size."""
     encoder_hidden: int = Field(128, ge=4)

@@ -10,6 +10,11 @@ statistics of the training tasks' contexts (stored with the model). Two encoders
 * ``deepset``: a per-transition MLP, mean-pooled, then an MLP (permutation invariant; Zaheer et al. 2017);
 * ``gru``: a GRU over the transitions in collection order (the recurrent encoder the product brief names).
 
+With ``action_effect`` (``meta_train.action_effect``) both also read :class:`ActionEffect`, the mean effect
+of each action on the (standardised) state change in the context, as a unit direction plus its log-size
+clipped to the training contexts' range: which way an action pushes survives out of range even where the
+raw features do not (a weak motor shrinks every state change but not their signs).
+
 ``oracle`` features skip the context: the task's physics parameters scaled to [0, 1] over the training
 ranges (only for analysis: a real new task does not tell you its physics).
 """
@@ -140,51 +145,120 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ActionEffect(nn.Module):
+    """Per context: the mean standardised state change after each action minus its mean over actions
+    ([n_actions, obs_dim], flattened), as a unit vector, plus the log of its norm clipped to the range seen
+    on the training contexts (:meth:`fit`). Contexts come from a uniform-random policy, so the action is
+    independent of the state and the difference of conditional means estimates the action's own effect. An
+    action absent from a context counts as having the mean effect (with 64 transitions and 2-3 actions,
+    rare)."""
+
+    lo: Tensor  # buffers (register_buffer), declared for the type checker
+    hi: Tensor
+
+    def __init__(self, obs_dim: int, n_actions: int):
+        super().__init__()
+        self.obs_dim, self.n_actions = obs_dim, n_actions
+        self.out_dim = obs_dim * n_actions + 1
+        self.register_buffer("lo", torch.tensor(-20.0))
+        self.register_buffer("hi", torch.tensor(20.0))
+
+    def _effect(self, raw: Tensor, scaled: Tensor) -> tuple[Tensor, Tensor]:
+        d, a = self.obs_dim, self.n_actions
+        onehot = raw[..., d:d + a]  # [T, C, A], exact 0/1 before standardising
+        delta = scaled[..., d + a + 1:2 * d + a + 1]  # [T, C, d]
+        mean = onehot.transpose(1, 2) @ delta / onehot.sum(1).clamp(min=1.0).unsqueeze(-1)  # [T, A, d]
+        present = (onehot.sum(1) > 0).unsqueeze(-1)
+        mean = torch.where(present, mean, delta.mean(1, keepdim=True))
+        contrast = (mean - mean.mean(1, keepdim=True)).flatten(1)
+        norm = contrast.norm(dim=1, keepdim=True)
+        return contrast / (norm + 1e-6), torch.log(norm + 1e-6)
+
+    @torch.no_grad()
+    def fit(self, raw: Tensor, scaled: Tensor) -> ActionEffect:
+        log_norm = self._effect(raw, scaled)[1]
+        self.lo.copy_(log_norm.min())
+        self.hi.copy_(log_norm.max())
+        return self
+
+    def forward(self, raw: Tensor, scaled: Tensor) -> Tensor:
+        unit, log_norm = self._effect(raw, scaled)
+        return torch.cat([unit, torch.minimum(torch.maximum(log_norm, self.lo), self.hi)], dim=1)
+
+
 class DeepSetEncoder(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int, extra: int = 0):
         super().__init__()
         self.phi = _mlp([in_dim, hidden, hidden])
-        self.rho = _mlp([hidden, hidden, embed_dim])
+        self.rho = _mlp([hidden + extra, hidden, embed_dim])
 
-    def forward(self, ctx: Tensor) -> Tensor:
-        """[T, C, F] -> [T, embed_dim]."""
-        return self.rho(torch.relu(self.phi(ctx)).mean(1))
+    def forward(self, ctx: Tensor, extra: Tensor | None = None) -> Tensor:
+        """[T, C, F] (and [T, extra]) -> [T, embed_dim]."""
+        pooled = torch.relu(self.phi(ctx)).mean(1)
+        return self.rho(pooled if extra is None else torch.cat([pooled, extra], 1))
 
 
 class GRUEncoder(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int, extra: int = 0):
         super().__init__()
         self.inp = nn.Linear(in_dim, hidden)
         self.gru = nn.GRU(hidden, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, embed_dim)
+        self.out = nn.Linear(hidden + extra, embed_dim)
 
-    def forward(self, ctx: Tensor) -> Tensor:
+    def forward(self, ctx: Tensor, extra: Tensor | None = None) -> Tensor:
         _, h = self.gru(torch.relu(self.inp(ctx)))
-        return self.out(h[-1])
+        return self.out(h[-1] if extra is None else torch.cat([h[-1], extra], 1))
 
 
 class OracleEncoder(nn.Module):
     """Maps scaled physics parameters to an embedding (the 'oracle' task features)."""
 
-    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int, extra: int = 0):
         super().__init__()
         self.net = _mlp([in_dim, hidden, embed_dim])
 
-    def forward(self, physics: Tensor) -> Tensor:
+    def forward(self, physics: Tensor, extra: Tensor | None = None) -> Tensor:
         return self.net(physics)
 
 
 class ContextEncoder(nn.Module):
-    """Standardise, then encode: a context [T, C, F] (or oracle physics [T, P]) -> embedding [T, D]."""
+    """Standardise, then encode: a context [T, C, F] (or oracle physics [T, P]) -> embedding [T, D].
 
-    def __init__(self, kind: str, in_dim: int, hidden: int, embed_dim: int):
+    ``action_effect``: the family's (obs_dim, n_actions) to add :class:`ActionEffect` (context encoders
+    only); None: without it."""
+
+    def __init__(self, kind: str, in_dim: int, hidden: int, embed_dim: int,
+                 action_effect: tuple[int, int] | None = None):
         super().__init__()
         self.kind = kind
         self.scale = Standardiser(in_dim)
         encoders = {"deepset": DeepSetEncoder, "gru": GRUEncoder, "oracle": OracleEncoder}
         if kind not in encoders:
             raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(encoders)}")
-        self.body = encoders[kind](in_dim, hidden, embed_dim)
+        self.effect = ActionEffect(*action_effect) if action_effect is not None and kind != "oracle" else None
+        self.body = encoders[kind](in_dim, hidden, embed_dim, self.effect.out_dim if self.effect else 0)
+
+    @torch.no_grad()
+    def fit(self, contexts: ContextSampler) -> ContextEncoder:
+        """Fits the fixed statistics on the training tasks' contexts: the standardiser on all their
+        transitions, the action effect's range on every disjoint context window."""
+        self.scale.fit(torch.cat(contexts.features))
+        if self.effect is not None:
+            n = min(len(f) for f in contexts.features) // contexts.size
+            raw = torch.cat([contexts.window(i) for i in range(n)])
+            self.effect.fit(raw, self.scale(raw))
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(self.scale(x) if self.kind != "oracle" else x)
+        if self.kind == "oracle":
+            return self.body(x)
+        scaled = self.scale(x)
+        return self.body(scaled, self.effect(x, scaled) if self.effect is not None else None)
+
+
+def build_encoder(kind: str, family: Family, hidden: int, embed_dim: int, action_effect: bool,
+                  n_physics: int = 0) -> ContextEncoder:
+    """An untrained encoder: ``kind`` deepset | gru (a context input) or oracle (``n_physics`` inputs)."""
+    in_dim = n_physics if kind == "oracle" else feature_dim(family)
+    layout = (family.obs_dim, family.n_actions) if action_effect else None
+    return ContextEncoder(kind, in_dim, hidden, embed_dim, layout)

@@ -6,15 +6,16 @@ the same ``QNetwork`` DQN uses. It starts out generating a sensible base network
 QNetwork), and is trained offline on the training tasks with three losses through the generated
 parameters:
 
-* policy distillation, KL(softmax(Q_expert / T) || softmax(Q_gen / T)) (Rusu et al. 2016): action-aware,
+* policy distillation, KL(softmax(Q_teacher / T) || softmax(Q_gen / T)) (Rusu et al. 2016): action-aware,
   which a plain Q-value MSE is not (CartPole experts' Q-values sit around 67 with action gaps ~0.07);
-* a small Huber loss to the expert's Q-values, so generated networks keep a scale DQN can fine-tune;
+* a small Huber loss to the teacher's Q-values, so generated networks keep a scale DQN can fine-tune;
 * a TD loss on the task's transitions with targets from a slowly updated (Polyak) copy.
 
-Distillation states are the expert's own rollouts, the end of its replay buffer, and DAgger states: the
-generated policies are rolled out on the training tasks every ``dagger_interval`` steps and the states
-they visit are labelled by the task's expert. Checkpoints are selected by zero-shot return on the
-validation tasks; several seeds are trained and the best kept.
+Each training task's *teacher* is an expert that solves it (:func:`teacher_indices`: its own, or a broad
+one, ``hypernet.teacher``). Distillation states are the task's own expert's rollouts, the end of its
+replay buffer, and DAgger states: the generated policies are rolled out on the training tasks every
+``dagger_interval`` steps and the states they visit are labelled by the task's teacher. Checkpoints are
+selected by zero-shot return on the validation tasks; several seeds are trained and the best kept.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from metadqn.dqn.qnetwork import (
     unflatten_state_dict,
 )
 from metadqn.dqn.trainer import bellman_target, update_target
-from metadqn.meta.context import ContextEncoder
+from metadqn.meta.context import ContextEncoder, build_encoder
 from metadqn.seeding import Salt, derive_seed
 
 if TYPE_CHECKING:  # annotations only; fit_hypernet imports metadqn.meta.dataset lazily, as before
@@ -286,25 +287,40 @@ def teacher_indices(cfg: HypernetConfig, scores: np.ndarray | None, splits: Sequ
     (siamese) does well (README, the diagnosis); experts differ widely in how far they transfer, and a
     generator that maps many tasks to a few broad teachers has less to extrapolate. The out-of-range
     validation tasks weigh as much as the training tasks because every training expert is near-perfect on
-    most training tasks, so they are what tells the broad experts apart. Every teacher still solves its
-    task (on the cross-evaluation's episodes)."""
+    most training tasks, so they are what tells the broad experts apart. ``local``: the same, but the mean
+    over each split weights task k by task j's own expert's score on it (clipped to [0, 1]): broad among the
+    tasks like j, not across the family. Why: with tasks of two kinds (mirrored CartPole's push directions),
+    an expert that half-solves the other kind is broad across the family but no better a teacher for j,
+    whose generated network only has to stand in for tasks of j's kind (README, "Teachers"). Every teacher
+    still solves its task (on the cross-evaluation's episodes)."""
     split = np.asarray(splits)
     n_train = int((split == "train").sum())
     if cfg.teacher == "own":
         return list(range(n_train))
     if scores is None or scores.shape != (n_train, len(split)) or (split[:n_train] != "train").any():
-        raise ValueError(f"hypernet.teacher robust needs the cross-evaluation scores of the {n_train} training "
+        raise ValueError(f"hypernet.teacher {cfg.teacher} needs the cross-evaluation scores of the {n_train} training "
                          f"experts on the {len(split)} tasks, training tasks first")
-    breadth = np.mean([scores[:, split == name].mean(1) for name in dict.fromkeys(split.tolist())], axis=0)
     picks = []
     for j in range(n_train):
+        breadth = _breadth(scores, split, np.clip(scores[j], 0.0, 1.0) if cfg.teacher == "local" else None)
         able = np.flatnonzero(scores[:, j] >= scores[:, j].max() - cfg.teacher_tolerance)
         broadest = able[breadth[able] >= breadth[able].max() - 1e-12]
         picks.append(j if j in broadest else int(broadest[0]))
     return picks
 
 
-def _teachers(data, teachers: Sequence[int] | None) -> list[StateDict]:
+def _breadth(scores: np.ndarray, split: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """Each expert's mean score over the tasks, each split weighing the same; ``weight`` [tasks]: a weighted
+    mean within each split (splits of zero weight left out; all zero, as for an expert that fails even its
+    own task: unweighted)."""
+    w = np.ones(split.shape) if weight is None or not weight.any() else weight
+    parts = [scores[:, split == name] @ w[split == name] / w[split == name].sum()
+             for name in dict.fromkeys(split.tolist()) if w[split == name].sum() > 0]
+    return np.mean(parts, axis=0)
+
+
+def _teacher_states(data, teachers: Sequence[int] | None) -> list[StateDict]:
+    """The teaching experts' state_dicts, one per training task (None: each task's own expert)."""
     return list(data.experts) if teachers is None else [data.experts[j] for j in teachers]
 
 
@@ -313,7 +329,7 @@ def _base_pool(data, hidden: list[int], teachers: Sequence[int] | None) -> State
     Q-values."""
     from metadqn.meta.dataset import expert_q
 
-    base_q = expert_q(data.family, _teachers(data, teachers), hidden, data.states)
+    base_q = expert_q(data.family, _teacher_states(data, teachers), hidden, data.states)
     return StatePool.from_lists(data.states, base_q, max(len(s) for s in data.states))
 
 
@@ -333,7 +349,6 @@ def _fit_seed(data, params, oracle: bool, s: int, teachers: Sequence[int] | None
     import time
 
     from metadqn.dqn.trainer import configure_torch, make_optimizer
-    from metadqn.meta.context import feature_dim
     from metadqn.meta.dataset import batched, greedy_returns
 
     start = time.perf_counter()
@@ -341,9 +356,8 @@ def _fit_seed(data, params, oracle: bool, s: int, teachers: Sequence[int] | None
     configure_torch()
     hidden = dqn.hidden_sizes
     base = _base_pool(data, hidden, teachers)
-    experts_net = batched(family, _teachers(data, teachers), hidden)  # labels the DAgger states
+    experts_net = batched(family, _teacher_states(data, teachers), hidden)  # labels the DAgger states
     name = hypernet_name(oracle)
-    in_dim = data.train.physics.shape[1] if oracle else feature_dim(family)
     curves: list[tuple[str, int, float]] = []
     val_input = data.val.physics if oracle else data.val.contexts.first()
 
@@ -351,9 +365,10 @@ def _fit_seed(data, params, oracle: bool, s: int, teachers: Sequence[int] | None
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    encoder = ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim)
+    encoder = build_encoder("oracle" if oracle else mt.encoder, family, mt.encoder_hidden, mt.embed_dim,
+                            "hypernet" in mt.action_effect, int(data.train.physics.shape[1]))
     if not oracle:
-        encoder.scale.fit(torch.cat(data.train.contexts.features))
+        encoder.fit(data.train.contexts)
     model = HyperQ(encoder, mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, hidden, seed)
     target = clone_frozen(model)
     opt = make_optimizer(list(model.parameters()), cfg.learning_rate)
@@ -392,8 +407,6 @@ def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit],
                   teachers: Sequence[int] | None = None) -> FitResult:
     """The best seed's checkpoint (ties: the lowest seed), with the value offset calibrated on the
     training tasks; curves in seed order."""
-    from metadqn.meta.context import feature_dim
-
     mt, cfg, family = params.meta_train, params.meta_train.hypernet, data.family
     name = hypernet_name(oracle)
     fits = sorted(fits, key=lambda f: f.seed)
@@ -402,9 +415,9 @@ def combine_seeds(data, params, oracle: bool, fits: Sequence[SeedFit],
     winner = max((f for f in fits if f.state is not None), key=lambda f: f.score, default=None)
     assert winner is not None and winner.state is not None, f"{name}: no validation score above -inf (all NaN?)"
     # max() keeps the first of equal scores: the lowest seed, as training the seeds in order would
-    in_dim = data.train.physics.shape[1] if oracle else feature_dim(family)
-    final = HyperQ(ContextEncoder("oracle" if oracle else mt.encoder, in_dim, mt.encoder_hidden, mt.embed_dim),
-                   mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, params.dqn.hidden_sizes, 0)
+    encoder = build_encoder("oracle" if oracle else mt.encoder, family, mt.encoder_hidden, mt.embed_dim,
+                            "hypernet" in mt.action_effect, int(data.train.physics.shape[1]))
+    final = HyperQ(encoder, mt.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, params.dqn.hidden_sizes, 0)
     final.load_state_dict(winner.state)
     base = _base_pool(data, params.dqn.hidden_sizes, teachers)
     gen = torch.Generator().manual_seed(mt.seed)

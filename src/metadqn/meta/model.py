@@ -18,7 +18,7 @@ from metadqn.data.io import atomic_path, load_state_dict, save_state_dict
 from metadqn.dqn.qnetwork import StateDict, param_shapes, unflatten_state_dict
 from metadqn.envs.families import get_family
 from metadqn.learners import get_learner
-from metadqn.meta.context import ContextEncoder, feature_dim
+from metadqn.meta.context import build_encoder
 
 
 @dataclass
@@ -120,9 +120,9 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
         return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
                        _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
                        torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score)
-    encoder_kind = "oracle" if cfg.uses_physics else cfg.encoder
-    in_dim = cfg.n_physics if cfg.uses_physics else feature_dim(family)
-    encoder = ContextEncoder(encoder_kind, in_dim, cfg.encoder_hidden, cfg.embed_dim)
+    # the action effect's buffers exist only where the encoder reads it (meta_train.action_effect)
+    encoder = build_encoder("oracle" if cfg.uses_physics else cfg.encoder, family, cfg.encoder_hidden,
+                            cfg.embed_dim, "encoder.effect.lo" in sd, cfg.n_physics)
     if kind == "hypernet":
         net = HyperQ(encoder, cfg.embed_dim, cfg.hidden, family.obs_dim, family.n_actions, cfg.q_hidden, base_seed=0)
         if "gate_points" in sd:  # the gate's buffers exist only when it is on; shaped like the saved ones

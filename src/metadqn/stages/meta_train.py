@@ -33,7 +33,7 @@ from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, n_params, param_shapes
 from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.learners import get_learner
-from metadqn.meta.context import ContextEncoder, feature_dim
+from metadqn.meta.context import build_encoder
 from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
 from metadqn.meta.model import MetaModel, MetaModelConfig
 from metadqn.seeding import Salt, derive_seed
@@ -83,29 +83,35 @@ def train_hypernet(data: MetaData, params: Params, scores: np.ndarray | None = N
     """Every seed one after another (the stage trains them as separate jobs: :func:`plan_jobs`)."""
     from metadqn.meta.hypernet import fit_hypernet
 
-    fit = fit_hypernet(data, params, oracle=oracle, teachers=_teachers(data, params, scores))
-    return _hypernet_result(data, params, fit, oracle, scores)
+    teachers = _teacher_indices(data, params, scores)
+    fit = fit_hypernet(data, params, oracle=oracle, teachers=teachers)
+    return _hypernet_result(data, params, fit, oracle, teachers)
 
 
 def train_hypernet_oracle(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
     return train_hypernet(data, params, scores, oracle=True)
 
 
-def _teachers(data: MetaData, params: Params, scores: np.ndarray | None) -> list[int]:
+def cross_eval_columns(data: MetaData) -> tuple[np.ndarray, ReturnScale, list[str]]:
+    """The cross-evaluation's tasks (its columns; its rows are the training tasks' experts): the training
+    tasks, then the validation tasks; with their return scale and split."""
+    splits = ["train"] * len(data.train.matrix) + list(data.val.tasks["split"])
+    return (np.concatenate([data.train.matrix, data.val.matrix]), ReturnScale.concat(data.train.scale, data.val.scale),
+            splits)
+
+
+def _teacher_indices(data: MetaData, params: Params, scores: np.ndarray | None) -> list[int]:
     from metadqn.meta.hypernet import teacher_indices
 
-    splits = ["train"] * len(data.train.matrix) + list(data.val.tasks["split"])
-    return teacher_indices(params.meta_train.hypernet, scores, splits)
+    return teacher_indices(params.meta_train.hypernet, scores, cross_eval_columns(data)[2])
 
 
-def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool,
-                     scores: np.ndarray | None) -> LearnerResult:
+def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool, teachers: list[int]) -> LearnerResult:
     from metadqn.meta.hypernet import hypernet_name
 
     name = hypernet_name(oracle)
     model = MetaModel(_model_config(params, name, data, encoder="oracle" if oracle else params.meta_train.encoder),
                       module=fit.model)
-    teachers = _teachers(data, params, scores)
     return LearnerResult(name, model, {"val_selection_score": fit.val_score,
                                        **{f"seed{i}_val_score": s for i, s in enumerate(fit.seed_scores)},
                                        "distinct_teachers": float(len(set(teachers))),
@@ -124,8 +130,8 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
         p = data.train.physics
         target = (torch.cdist(p, p) / p.shape[1] ** 0.5).numpy()
     torch.manual_seed(derive_seed(params.meta_train.seed, Salt.SIAMESE_INIT))
-    encoder = ContextEncoder(mt.encoder, feature_dim(family), mt.encoder_hidden, mt.embed_dim)
-    encoder.scale.fit(torch.cat(data.train.contexts.features))
+    encoder = build_encoder(mt.encoder, family, mt.encoder_hidden, mt.embed_dim, "siamese" in mt.action_effect).fit(
+        data.train.contexts)
     fit = fit_siamese(encoder, data.train.contexts, target, cfg.iterations, cfg.learning_rate,
                        derive_seed(mt.seed, Salt.SIAMESE_FIT))
     emb = index_embeddings(fit.encoder, data.train.contexts, cfg.index_contexts,
@@ -256,7 +262,8 @@ def fit_job(data: MetaData, params: Params, scores: np.ndarray, job: FitJob) -> 
     if job.seed is not None:
         from metadqn.meta.hypernet import fit_hypernet_seed
 
-        return fit_hypernet_seed(data, params, HYPERNETS[job.learner], job.seed, _teachers(data, params, scores))
+        return fit_hypernet_seed(data, params, HYPERNETS[job.learner], job.seed,
+                                 _teacher_indices(data, params, scores))
     return train_one(job.learner, data, params, scores)
 
 
@@ -268,13 +275,14 @@ def assemble(names: list[str], jobs: list[FitJob], outputs: list[Any], data: Met
 
     done = dict(zip(jobs, outputs, strict=True))
     results: dict[str, LearnerResult] = {}
+    teachers = _teacher_indices(data, params, scores) if any(n in HYPERNETS for n in names) else []
     for name in names:
         if name in HYPERNETS:
             start = time.perf_counter()
             fits = [out for job, out in done.items() if job.learner == name]
-            fit = combine_seeds(data, params, HYPERNETS[name], fits, _teachers(data, params, scores))
+            fit = combine_seeds(data, params, HYPERNETS[name], fits, teachers)
             wall_s = sum(f.wall_s for f in fits) + time.perf_counter() - start
-            result = _hypernet_result(data, params, fit, HYPERNETS[name], scores)
+            result = _hypernet_result(data, params, fit, HYPERNETS[name], teachers)
             results[name] = _measured(result, data, params, wall_s)
         elif not get_learner(name).needs:
             results[name] = done[FitJob(name)]
@@ -294,8 +302,7 @@ def run_meta_train(params: Params, store: TaskStore = TaskStore(), out: MetaTrai
     start = time.perf_counter()
     data = load_meta_data(store, params)
     family = data.family
-    tasks = np.concatenate([data.train.matrix, data.val.matrix])
-    scale = ReturnScale.concat(data.train.scale, data.val.scale)
+    tasks, scale, _ = cross_eval_columns(data)
     t0 = time.perf_counter()
     returns = cross_evaluation(family, data.experts, tasks, params.dqn.hidden_sizes,
                                params.meta_train.eval_episodes, derive_seed(params.meta_train.seed, Salt.CROSS_EVAL))
