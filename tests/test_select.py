@@ -155,3 +155,30 @@ def test_params_refuse_a_candidate_that_is_not_trained(tmp_path):
     overlay.write_text("meta_train:\n  select: {candidates: [siamese, siamese]}\n")
     with pytest.raises(ParamsError, match=r"meta_train\.select\.candidates.*twice"):
         load_params(ROOT / "params.yaml", overlay)
+
+
+def test_the_margin_favours_the_first_candidate_by_that_factor_and_survives_a_save(tmp_path):
+    # reward 1, no termination, gamma 0.9: constant c has TD error (0.1 c - 1)^2; c = 5: 0.25, c = 8: 0.04
+    ctx = _context(2, reward=1.0)
+    ctx[..., -1] = 0.0
+    nets = torch.stack([_constant(5.0), _constant(8.0)])
+    select = SelectQ(FAMILY, HIDDEN, None, None, nets, k=1, gamma=0.9)
+    assert select.first_margin == 1.0 and "margin" not in select.state_dict()  # old models load unchanged
+    picks = {}
+    for margin in (1.0, 6.0, 6.5, 1e6):  # 0.25 / 6 = 0.042 > 0.04; 0.25 / 6.5 = 0.038 < 0.04
+        select.set_margin(margin)
+        picks[margin] = select.choose(ctx)[1].tolist()
+    assert picks == {1.0: [1, 1], 6.0: [1, 1], 6.5: [0, 0], 1e6: [0, 0]}
+    with pytest.raises(ValueError, match="margin"):
+        select.set_margin(0.5)
+    select.set_margin(6.5)
+    cfg = MetaModelConfig(learner="select", family=FAMILY.name, q_hidden=HIDDEN, context_size=12, embed_dim=4,
+                          encoder_hidden=16, hidden=16, k=1, fixed_names=["multitask", "reptile"])
+    MetaModel(cfg, module=select.eval()).save(tmp_path / "select")
+    loaded = MetaModel.load(tmp_path / "select").module
+    assert isinstance(loaded, SelectQ) and loaded.first_margin == 6.5
+    assert loaded.choose(ctx)[1].tolist() == [0, 0]
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("meta_train:\n  select: {margins: [1.0, 0.5]}\n")
+    with pytest.raises(ParamsError, match=r"meta_train\.select\.margins"):
+        load_params(ROOT / "params.yaml", overlay)

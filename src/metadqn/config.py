@@ -318,6 +318,19 @@ class SelectConfig(_Section):
     """How a candidate's TD errors on the context are scored: their mean square, or that over the mean
     square of its Q(s, a) (scale-free: a network whose Q-values are small does not look consistent with
     every task for that reason alone). Lowest wins."""
+    margins: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 1e6], min_length=1)
+    """The first candidate (the hypernet's, when listed) is chosen unless another's score is lower than its
+    own divided by the margin; the meta_train stage keeps the margin with the best validation zero-shot
+    (ties: the earlier in this list). 1 is the plain lowest-score rule; a huge margin trusts the first
+    candidate whatever the scores. Why: the TD error ranks a real expert above a generated network whose
+    policy is as good, and validation can tell how much to discount it."""
+
+    @field_validator("margins")
+    @classmethod
+    def _at_least_one(cls, v: list[float]) -> list[float]:
+        if any(not m >= 1.0 for m in v):  # NaN fails too
+            raise ValueError(f"every margin must be >= 1 (1: no preference for the first candidate): {v}")
+        return v
 
     @field_validator("candidates")
     @classmethod

@@ -119,7 +119,8 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
         hyper, index = part("hypernet."), part("index.")
         return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
                        _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
-                       torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score)
+                       torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score,
+                       float(sd["margin"]) if "margin" in sd else 1.0)
     # the action effect's buffers exist only where the encoder reads it (meta_train.action_effect)
     encoder = build_encoder("oracle" if cfg.uses_physics else cfg.encoder, family, cfg.encoder_hidden,
                             cfg.embed_dim, "encoder.effect.lo" in sd, cfg.n_physics)

@@ -17,6 +17,10 @@ tasks only: 8 validation tasks and the 32 training tasks with each one's own exp
 or nearly), then the 4 out-of-range validation tasks (squared 0.75, relative 0.74, absolute 0.73; README,
 "A start chosen from the context").
 
+The margin (``meta_train.select.margins``, the best on validation): the first candidate (the hypernet's)
+wins unless another's score is below its own divided by the margin. The TD error ranks a real expert
+above a generated network whose policy is as good; the margin says how much validation discounts that.
+
 Where it can fail: a candidate whose Q-values are flat (all equal) has a small TD error wherever rewards
 are constant, whatever its policy; the hypernetwork's ``value_offset`` puts generated Q-values on the
 experts' scale, so its candidates compete on the same footing.
@@ -70,7 +74,8 @@ class SelectQ(nn.Module):
     gamma: Tensor
 
     def __init__(self, family: Family, q_hidden: Sequence[int], hypernet: HyperQ | None, index: SiameseIndex | None,
-                 fixed: Tensor, k: int, gamma: float, fixed_names: Sequence[str] = (), score: str = "squared"):
+                 fixed: Tensor, k: int, gamma: float, fixed_names: Sequence[str] = (), score: str = "squared",
+                 margin: float = 1.0):
         super().__init__()
         if score not in SCORES:
             raise ValueError(f"unknown TD score {score!r} (one of: {', '.join(SCORES)})")
@@ -88,6 +93,22 @@ class SelectQ(nn.Module):
         self.register_buffer("fixed", fixed)
         """[F, P]: networks that are a candidate for every task (the multitask network), F may be 0."""
         self.register_buffer("gamma", torch.tensor(float(gamma)))
+        self.set_margin(margin)
+
+    def set_margin(self, margin: float) -> None:
+        """The first candidate wins unless another's score is below its own / ``margin`` (``select.margins``).
+        A buffer only when it is not 1, so models saved before it existed load unchanged."""
+        if margin < 1.0:
+            raise ValueError(f"select margin {margin} < 1")
+        if margin == 1.0:
+            self._buffers.pop("margin", None)
+        else:
+            self.register_buffer("margin", torch.tensor(float(margin)))
+
+    @property
+    def first_margin(self) -> float:
+        m = self._buffers.get("margin")
+        return 1.0 if m is None else float(m)
 
     def sources(self) -> list[str]:
         """The name of each candidate column, in :meth:`candidates`' order: ``hypernet``, ``siamese-<i>``
@@ -116,10 +137,11 @@ class SelectQ(nn.Module):
 
     @torch.no_grad()
     def choose(self, ctx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(chosen flat parameters [T, P], chosen column [T], TD errors [T, M]); ties go to the first column."""
+        """(chosen flat parameters [T, P], chosen column [T], TD errors [T, M]); the first column's error is
+        divided by the margin first; ties go to the first column."""
         flat = self.candidates(ctx)
         err = td_errors(flat, ctx, self.family, self.shapes, float(self.gamma), self.score)
-        pick = err.argmin(1)
+        pick = torch.cat([err[:, :1] / self.first_margin, err[:, 1:]], 1).argmin(1)
         return flat[torch.arange(len(pick)), pick], pick, err
 
     def init_flat(self, ctx: Tensor) -> Tensor:

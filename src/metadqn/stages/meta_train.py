@@ -183,12 +183,22 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     ids = list(data.train.tasks["task_id"]) if index is not None else []
     model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
                                     select_score=cfg.score), module=module.eval())
+    # the margin in favour of the first candidate: the best on validation (ties: the earlier one)
+    val = {}
+    for margin in cfg.margins:
+        module.set_margin(margin)
+        val[margin] = data.val.balanced_mean(val_zero_shot(model, data, params))
+    margin = max(cfg.margins, key=lambda m: val[m])
+    module.set_margin(margin)
+    log.info("select: margin %g kept (validation zero-shot %s)", margin,
+             ", ".join(f"{m:g}: {v:.3f}" for m, v in val.items()))
     # which learner each validation task's start comes from (the contexts val_zero_shot scores)
     _, pick, _ = module.choose(data.val.contexts.window(1))
     labels = module.source_learners()
     picked = [labels[i] for i in pick.tolist()]
-    return LearnerResult("select", model, {f"val_picks_{name}": picked.count(name) / len(picked)
-                                           for name in cfg.candidates})
+    return LearnerResult("select", model, {"margin": margin,
+                                           **{f"val_picks_{name}": picked.count(name) / len(picked)
+                                              for name in cfg.candidates}})
 
 
 def learner_names(params: Params) -> list[str]:
