@@ -24,6 +24,21 @@ def test_run_in_process_keeps_the_order_of_the_groups():
                                                                          for v in (13, 11, 12)]
 
 
+class _Sized(int):
+    """An int group that says how long it takes (its value)."""
+
+    @property
+    def cost(self) -> float:
+        return float(self)
+
+
+def test_groups_are_submitted_longest_first_ties_and_costless_in_plan_order():
+    from flows.runners import submission_order
+
+    assert submission_order([_Sized(1), _Sized(5), 3, _Sized(5), _Sized(2)]) == [1, 3, 4, 0, 2]
+    assert submission_order([3, 1, 2]) == [0, 1, 2]
+
+
 def test_group_label_uses_a_string_label_and_falls_back_to_the_index():
     class Labelled:
         label = "hypernet-dqn"
@@ -43,7 +58,8 @@ def test_process_runner_runs_each_group_in_a_worker_process_of_the_configured_th
 
     @flow
     def fan_out() -> list[tuple[int, int, int]]:
-        return prefect_mapper(functools.partial(_probe, 100), [5, 6, 7, 8])
+        # submitted longest first (8 first), returned in the groups' order
+        return prefect_mapper(functools.partial(_probe, 100), [_Sized(v) for v in (5, 6, 7, 8)])
 
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the workers must not inherit the parent's setting

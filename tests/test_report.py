@@ -356,3 +356,12 @@ def test_diagnosis_section_is_one_well_formed_table_per_model():
     assert len(rows) == 2 * (2 + len(DIAGNOSIS_ROWS))
     assert {line.count("|") for line in rows} == {6}  # a "|" inside a label would split its cell
     assert "Not run" in diagnosis_section({})[2]
+
+
+def test_selected_lines_say_which_choice_is_borrowed():
+    from metadqn.evaluation.report import selected_lines
+
+    pick = {"candidate": "anchored", "config": {"anchor": "kl"}}
+    lines = selected_lines({"hypernet": pick, "hypernet-oracle": {**pick, "as": "hypernet"}})
+    assert lines == ["hypernet: `anchored` (anchor=kl)",
+                     "hypernet-oracle: `anchored`, hypernet's choice, not searched (anchor=kl)"]

@@ -40,7 +40,10 @@ def test_search_selects_per_method_and_reads_no_test_task(tiny_run, tmp_path):
     selected = run_finetune_search(params, store, meta.models, _outputs(tmp_path / "a"))
     summary = pd.read_csv(tmp_path / "a" / "search.csv")
     methods = set(summary["method"]) - {"scratch"}
-    assert methods == set(selected) and "scratch" not in selected and len(methods) >= 2
+    # hypernet-oracle is not searched: it fine-tunes with the hypernet's choice
+    assert "hypernet-oracle" not in methods
+    assert selected["hypernet-oracle"] == {**selected["hypernet"], "as": "hypernet"}
+    assert methods == set(selected) - {"hypernet-oracle"} and "scratch" not in selected and len(methods) >= 2
     assert set(summary.loc[summary["method"] != "scratch", "candidate"]) == set(CANDIDATES)
     # scratch runs once, with the dqn section, as the reference row; it is never selected
     ref = summary[summary["method"] == "scratch"]
@@ -52,8 +55,8 @@ def test_search_selects_per_method_and_reads_no_test_task(tiny_run, tmp_path):
     assert set(scores["split"]) == {"val", "val_extrap"}
     np.testing.assert_allclose(summary["selection_score"], (summary["auc_iqm_val"] + summary["auc_iqm_val_extrap"]) / 2,
                                atol=2e-6)
-    for m, pick in selected.items():
-        rows = summary[summary["method"] == m]
+    for m in methods:
+        pick, rows = selected[m], summary[summary["method"] == m]
         assert pick["candidate"] == rows.loc[rows["selection_score"].idxmax(), "candidate"]
 
     # the same search with every held-out test task erased from its inputs: byte-identical outputs
@@ -177,3 +180,35 @@ def test_a_fresh_candidate_is_not_trained_its_rows_are_scratchs(tiny_run):
     for col in ("auc_iqm", "final_iqm", "zero_shot_iqm", "min_curve_iqm", "selection_score"):
         assert (fresh[col] == ref[col]).all(), col
     assert not (summary.loc[summary["candidate"] == "half", "auc_iqm"] == ref["auc_iqm"]).all()
+
+
+def test_a_fresh_method_in_meta_test_is_scratchs_runs_with_its_own_frozen_control(tiny_run):
+    """meta-test does not train a method whose selected configuration is ``fresh``: its curves and networks
+    are scratch's, and its frozen control is its own start, evaluated as a trained run would evaluate it."""
+    from metadqn.evaluation import protocol
+
+    params, store, meta, _, _ = tiny_run
+    opened = TaskStore(store.tasks_path, store.trajectories, store.experts, store.collect_metrics,
+                       allowed=frozenset({"train", "val", "val_extrap", *protocol.TEST_SPLITS}))
+    family = params.family.family()
+    groups = protocol.plan_groups(params, opened.tasks_of(protocol.TEST_SPLITS), meta.models,
+                                  {"multitask": ("fresh", protocol.FRESH)})
+    methods = [g.method for g in groups]
+    assert {"multitask", "scratch"} <= set(methods)
+    trained: list[str] = []
+
+    def mapper(fn, gs):
+        trained.extend(g.method for g in gs)
+        return [fn(g) for g in gs]
+
+    runs = protocol._train_groups(family, groups, mapper)
+    assert [r.method for r in runs] == methods
+    assert "multitask" not in trained and "scratch" in trained
+    mine, own = runs[methods.index("multitask")], runs[methods.index("scratch")]
+    direct = protocol.finetune_group(family, groups[methods.index("multitask")], show_progress=False)
+    pd.testing.assert_frame_equal(mine.curves, direct.curves)
+    pd.testing.assert_frame_equal(mine.curves, own.curves)
+    np.testing.assert_array_equal(mine.start_return, direct.start_return)
+    assert not np.array_equal(mine.start_return, own.start_return)  # its start, not scratch's fresh network
+    for a, b in zip(mine.final_params, direct.final_params, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)

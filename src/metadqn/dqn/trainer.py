@@ -223,12 +223,11 @@ def train_dqn(
     device = resolve_device(cfg.device)
     k, e = _slots(tasks, cfg, evaluate)
     levers = SlotLevers.build(finetune, k, device)
-    seeds = np.random.SeedSequence(seed).generate_state(4 + k)
-    env_seed, eval_seed, torch_seed, np_seed = (int(s) for s in seeds[:4])
+    env_seed, eval_seed, torch_seed, np_seed, slot_seeds = _run_seeds(seed, k)
     rng = np.random.default_rng(np_seed)
     gen = torch.Generator(device=device).manual_seed(torch_seed)
 
-    nets = _Networks.build(family, cfg, k, device, init, seeds[4:], levers)
+    nets = _Networks.build(family, cfg, k, device, init, slot_seeds, levers)
     online = nets.online
     updater = Updater(cfg, levers, online, nets.target, nets.start if levers.anchor != "none" else None, gen)
     collector = _Collector(family, tasks, k, e, device, env_seed, cfg.buffer_size, levers.protected_steps, prefill)
@@ -271,6 +270,27 @@ def train_dqn(
         wall_s=time.perf_counter() - start,
         replay=[collector.replay.latest(slot, keep_replay) for slot in range(k)] if keep_replay else [],
     )
+
+
+def start_returns(family: Family, tasks: np.ndarray, cfg: DQNConfig, seed: int,
+                  init: Sequence[StateDict | None]) -> np.ndarray:
+    """``train_dqn(family, tasks, cfg, seed, init=init).start_return`` without the training: the greedy
+    evaluation of each slot's start, on the same start states (meta-test's frozen control of a method whose
+    fine-tuning run is scratch's own, see :mod:`metadqn.evaluation.protocol`)."""
+    configure_torch()
+    device = resolve_device(cfg.device)
+    k = int(tasks.shape[0])
+    _, eval_seed, _, _, slot_seeds = _run_seeds(seed, k)
+    nets = _Networks.build(family, cfg, k, device, init, slot_seeds, SlotLevers.build(None, k, device))
+    with torch.no_grad():
+        return GreedyEvaluator(family, tasks, cfg.eval_episodes, eval_seed, device)(nets.start.act)
+
+
+def _run_seeds(seed: int, k: int) -> tuple[int, int, int, int, np.ndarray]:
+    """A run's environment, evaluation, torch and numpy seeds, and its K slots' network seeds."""
+    seeds = np.random.SeedSequence(seed).generate_state(4 + k)
+    env_seed, eval_seed, torch_seed, np_seed = (int(s) for s in seeds[:4])
+    return env_seed, eval_seed, torch_seed, np_seed, seeds[4:]
 
 
 def _slots(tasks: np.ndarray, cfg: DQNConfig, evaluate: bool) -> tuple[int, int]:

@@ -346,7 +346,8 @@ def selected_lines(selected: Mapping[str, Any]) -> list[str]:
         entry = selected[method] or {}
         config = entry.get("config") or {}
         levers = ", ".join(f"{k}={v}" for k, v in config.items()) or "no overrides"
-        out.append(f"{method}: `{entry.get('candidate', 'n/a')}` ({levers})")
+        borrowed = f", {entry['as']}'s choice, not searched" if entry.get("as") else ""
+        out.append(f"{method}: `{entry.get('candidate', 'n/a')}`{borrowed} ({levers})")
     return out
 
 

@@ -9,7 +9,9 @@ tasks, or, when there are out-of-range validation tasks (``collect.n_val_extrap_
 AUC IQMs of the two validation splits, so that what works out of range counts as much as what works in
 range (a pooled IQM would trim the few out-of-range tasks away as outliers). Scratch is not searched: it keeps the
 dqn section, which is tuned for learning from scratch; it runs once as a reference row (the bar a start
-must clear on the same tasks).
+must clear on the same tasks). A variant that borrows another method's configuration
+(``Learner.finetunes_as``: hypernet-oracle the hypernet's) is not searched; the selection file gives it the
+borrowed choice, marked ``"as": <method>``.
 
 Held-out test tasks are never read: the search gets a :class:`TaskStore` that opens only the train and
 validation splits (a read of a test task raises ``LeakageError``), and its contexts come from
@@ -22,8 +24,9 @@ slots: the default candidates train as two sets instead of one run each (measure
 task, seven candidates: 191 s instead of 292 s), each set split into runs of at most :data:`GROUP_SLOTS`
 slots so that two workers share the work evenly. Each slot's result is still that of its own
 configuration; the random draws of a slot depend on its place in the run, so candidates are not compared
-under common random numbers. A candidate that keeps nothing of the start (:data:`FRESH`, ``shrink: 0``
-and no other lever) is not trained: its runs would be scratch's, so scratch's reference runs stand for it.
+under common random numbers. A candidate that keeps nothing of the start
+(:data:`~metadqn.evaluation.protocol.FRESH`, ``shrink: 0`` and no other lever) is not trained: its runs
+would be scratch's, so scratch's reference runs stand for it.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ from metadqn.evaluation.protocol import (
     finetune_group,
     group_seed,
     initial_networks,
+    reuses_scratch,
 )
 from metadqn.evaluation.summary import min_curve_iqm, per_run_scores
 from metadqn.fanout import GroupMapper, run_in_process
+from metadqn.learners import SCRATCH, get_learner
 
 log = logging.getLogger("metadqn.finetune_search")
 SEARCH_SPLITS = VALIDATION_SPLITS
@@ -73,9 +78,27 @@ class SearchResult:
     """{method: {"candidate": name, "config": levers}}: what meta_test reads."""
 
 
-def searched_methods(params: Params, models: Path) -> list[str]:
+def learned_methods(params: Params, models: Path) -> list[str]:
     """The meta-learned methods of meta_test.methods that meta_train produced."""
-    return [m for m in params.meta_test.methods if m != "scratch" and (models / m / "model.pt").exists()]
+    return [m for m in params.meta_test.methods if m != SCRATCH and (models / m / "model.pt").exists()]
+
+
+def borrowed(methods: list[str]) -> dict[str, str]:
+    """``{variant: learner}`` for the methods that take another searched method's configuration instead of
+    being searched (``Learner.finetunes_as``: hypernet-oracle takes the hypernet's)."""
+    out = {}
+    for m in methods:
+        source = get_learner(m).finetunes_as
+        if source is not None and source in methods:
+            out[m] = source
+    return out
+
+
+def searched_methods(params: Params, models: Path) -> list[str]:
+    """The methods the search fine-tunes: the meta-learned ones, less those that borrow a configuration."""
+    methods = learned_methods(params, models)
+    lent = borrowed(methods)
+    return [m for m in methods if m not in lent]
 
 
 def plan_search(params: Params, store: TaskStore, models: Path) -> list[ProtocolGroup]:
@@ -93,7 +116,7 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> list[Protocol
     configs = {**search.candidates, SCRATCH_REFERENCE: FinetuneConfig()}
     batches: dict[str, list[str]] = {}
     for name, ft in configs.items():  # scratch (the reference) joins the plain-DQN run, if there is one
-        if not _reuses_scratch(ft):
+        if not reuses_scratch(ft):
             batches.setdefault(shared_part(ft).model_dump_json(), []).append(name)
     n = len(tasks)
     groups = []
@@ -105,22 +128,12 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> list[Protocol
     return groups
 
 
-FRESH = FinetuneConfig(shrink=0.0)
-"""A candidate that keeps nothing of the start and sets no other lever: every run of it is the run scratch
-makes on the same slot (a fresh network of the slot's own seed, trained with the dqn section; meta-test
-gives both the same slot seeds), so the search does not train it again: its rows are scratch's reference
-runs, relabelled (:func:`_reuse_scratch`)."""
-
-
-def _reuses_scratch(ft: FinetuneConfig) -> bool:
-    return ft == FRESH
-
-
 GROUP_SLOTS = 96
 """The most slots one batched run of the search holds; a larger set of candidates sharing their optimisation
 is split into near-equal runs. Why: the default plan is 152 slots of 128-gradient-step candidates and 192 of
 32-step ones; as two runs on two workers the first was the critical path (the search took 382 s), as four
-runs of <= 96 slots each worker gets about half of each (measured in the README's timing table)."""
+runs of <= 96 slots each worker gets about half of each (measured in the README's timing table). With
+hypernet-oracle borrowing the hypernet's choice the plan is 192 and 240 slots: two runs and three."""
 
 
 def _chunks(slots: list[Any], most: int) -> list[list[Any]]:
@@ -180,14 +193,14 @@ def run_search(params: Params, store: TaskStore, models: Path,
                         .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
                        ignore_index=True)
     summary = summarise_search(scores, curves, params)
-    selected = select(summary, params)
+    selected = select(summary, params, borrowed(learned_methods(params, models)))
     return SearchResult(summary, scores, selected)
 
 
 def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], methods: list[str]) -> pd.DataFrame:
-    """Adds, for every candidate that reuses scratch's runs (:data:`FRESH`), scratch's reference curves as
-    that candidate's for every searched method."""
-    reused = [name for name, ft in candidates.items() if _reuses_scratch(ft)]
+    """Adds, for every candidate that reuses scratch's runs (:data:`~metadqn.evaluation.protocol.FRESH`),
+    scratch's reference curves as that candidate's for every searched method."""
+    reused = [name for name, ft in candidates.items() if reuses_scratch(ft)]
     ref = curves[curves["candidate"] == SCRATCH_REFERENCE]
     copies = [ref.assign(method=m, candidate=name) for name in reused for m in methods]
     return pd.concat([curves, *copies], ignore_index=True) if copies else curves
@@ -233,11 +246,16 @@ def _method_rank(method: str) -> str:
     return "~" if method == "scratch" else method  # the reference row last
 
 
-def select(summary: pd.DataFrame, params: Params) -> dict[str, dict[str, Any]]:
+def select(summary: pd.DataFrame, params: Params, lent: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Each searched method's selected configuration, and for each ``variant: source`` of ``lent`` the
+    source's (marked ``"as": source``)."""
     cands = params.meta_test.search.candidates
-    return {row.method: {"candidate": row.candidate,
-                         "config": cands[row.candidate].model_dump(mode="json")}
-            for row in summary[summary["selected"]].itertuples()}
+    out: dict[str, dict[str, Any]] = {row.method: {"candidate": row.candidate,
+                                                   "config": cands[row.candidate].model_dump(mode="json")}
+                                      for row in summary[summary["selected"]].itertuples()}
+    for variant, source in (lent or {}).items():
+        out[variant] = {**out[source], "as": source}
+    return out
 
 
 class SelectionError(UserError, ValueError):

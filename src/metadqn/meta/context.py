@@ -213,11 +213,11 @@ class GRUEncoder(nn.Module):
 class OracleEncoder(nn.Module):
     """Maps scaled physics parameters to an embedding (the 'oracle' task features)."""
 
-    def __init__(self, in_dim: int, hidden: int, embed_dim: int, extra: int = 0):
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int):
         super().__init__()
         self.net = _mlp([in_dim, hidden, embed_dim])
 
-    def forward(self, physics: Tensor, extra: Tensor | None = None) -> Tensor:
+    def forward(self, physics: Tensor) -> Tensor:
         return self.net(physics)
 
 
@@ -232,11 +232,16 @@ class ContextEncoder(nn.Module):
         super().__init__()
         self.kind = kind
         self.scale = Standardiser(in_dim)
-        encoders = {"deepset": DeepSetEncoder, "gru": GRUEncoder, "oracle": OracleEncoder}
-        if kind not in encoders:
-            raise ValueError(f"unknown encoder {kind!r}; known: {', '.join(encoders)}")
-        self.effect = ActionEffect(*action_effect) if action_effect is not None and kind != "oracle" else None
-        self.body = encoders[kind](in_dim, hidden, embed_dim, self.effect.out_dim if self.effect else 0)
+        encoders = {"deepset": DeepSetEncoder, "gru": GRUEncoder}
+        self.effect: ActionEffect | None = None
+        self.body: nn.Module
+        if kind == "oracle":
+            self.body = OracleEncoder(in_dim, hidden, embed_dim)
+        elif kind in encoders:
+            self.effect = ActionEffect(*action_effect) if action_effect is not None else None
+            self.body = encoders[kind](in_dim, hidden, embed_dim, self.effect.out_dim if self.effect else 0)
+        else:
+            raise ValueError(f"unknown encoder {kind!r}; known: deepset, gru, oracle")
 
     @torch.no_grad()
     def fit(self, contexts: ContextSampler) -> ContextEncoder:

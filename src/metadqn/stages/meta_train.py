@@ -55,6 +55,8 @@ class LearnerResult:
     model: MetaModel
     metrics: dict[str, float]
     curves: list[tuple[str, int, float]] = field(default_factory=list)
+    val_zero_shot: np.ndarray | None = None
+    """The model's :func:`val_zero_shot`, when its trainer already measured it (select, for its margin)."""
 
 
 def _model_config(params: Params, learner: str, data: MetaData, **extra: Any) -> MetaModelConfig:
@@ -184,10 +186,11 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
                                     select_score=cfg.score), module=module.eval())
     # the margin in favour of the first candidate: the best on validation (ties: the earlier one)
-    val = {}
+    zs, val = {}, {}
     for margin in cfg.margins:
         module.set_margin(margin)
-        val[margin] = data.val.balanced_mean(val_zero_shot(model, data, params))
+        zs[margin] = val_zero_shot(model, data, params)
+        val[margin] = data.val.balanced_mean(zs[margin])
     margin = max(cfg.margins, key=lambda m: val[m])
     module.set_margin(margin)
     log.info("select: margin %g kept (validation zero-shot %s)", margin,
@@ -198,7 +201,7 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     picked = [labels[i] for i in pick.tolist()]
     return LearnerResult("select", model, {"margin": margin,
                                            **{f"val_picks_{name}": picked.count(name) / len(picked)
-                                              for name in cfg.candidates}})
+                                              for name in cfg.candidates}}, val_zero_shot=zs[margin])
 
 
 def learner_names(params: Params) -> list[str]:
@@ -227,7 +230,7 @@ def train_one(name: str, data: MetaData, params: Params, scores: np.ndarray,
 
 def _measured(result: LearnerResult, data: MetaData, params: Params, wall_s: float) -> LearnerResult:
     """Adds the validation zero-shot figures (and the training time, which goes to MLflow only)."""
-    zs = val_zero_shot(result.model, data, params)
+    zs = result.val_zero_shot if result.val_zero_shot is not None else val_zero_shot(result.model, data, params)
     out_of_range = (data.val.tasks["split"] == "val_extrap").to_numpy()
     per_split = {"val_extrap_zero_shot": float(zs[out_of_range].mean())} if out_of_range.any() else {}
     result.metrics = {"val_zero_shot_normalized": data.val.balanced_mean(zs), "val_zero_shot_min": float(zs.min()),
