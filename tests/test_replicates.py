@@ -19,7 +19,7 @@ from metadqn.replicates import (
     replicate_seeds,
     with_seeds,
 )
-from tests.helpers import BIN, ROOT, project_env
+from tests.helpers import BIN, ROOT, dvc, project_env
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -69,6 +69,7 @@ def _commit(project):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a whole tiny replicate, three calls and a move in place: ~6 min alone on 2 cores
 def test_replicate_runs_a_clone_with_other_seeds_tracks_it_under_one_parent_and_writes_the_table(
         tiny_project, tmp_path):
     project = tmp_path / "p"
@@ -125,4 +126,25 @@ def test_replicate_runs_a_clone_with_other_seeds_tracks_it_under_one_parent_and_
     again = replicate("--n", "2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert lock.stat().st_mtime_ns == before
+    assert json.loads((project / "reports" / "replicates.json").read_text())["figures"] == out["figures"]
+
+    # a commit that changes the report only: the clone moves to it in place, keeps its own run's outputs
+    # (not replicate 0's, which the checkout brings) and reruns the report alone
+    clone = tmp_path / "reps" / "r1"
+    scores = clone / "reports" / "meta_test" / "scores.csv"
+    own_scores = scores.read_bytes()
+    assert own_scores != (project / "reports" / "meta_test" / "scores.csv").read_bytes()
+    params.write_text(params.read_text().replace("title: metadqn meta-test report", "title: moved report"))
+    assert dvc(project, "repro").returncode == 0
+    _commit(project)
+    moved = replicate("--n", "2")
+    assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
+    assert (clone / "reports" / "report.md").read_text().startswith("# moved report")
+    assert scores.read_bytes() == own_scores
+    ran = (tmp_path / "reps" / "r1.log").read_text()
+    assert "Running stage 'report'" in ran
+    assert not any(f"Running stage '{stage}'" in ran for stage in ("collect", "meta_train", "meta_test"))
+    head = _git(project, "rev-parse", "HEAD").stdout.strip()
+    assert json.loads((clone / ".metadqn-replicate.json").read_text())["commit"] == head
+    assert dvc(clone, "status").stdout.strip() == "Data and pipelines are up to date."
     assert json.loads((project / "reports" / "replicates.json").read_text())["figures"] == out["figures"]

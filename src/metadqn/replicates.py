@@ -8,6 +8,10 @@ same commit and params otherwise. ``metadqn replicate --n N`` drives them:
 - replicate 0 is the workspace's own run (its outputs must be up to date: ``dvc status`` clean);
 - replicate r >= 1 runs in its own clone of HEAD (``<workdir>/r<r>``) with ``dvc repro``, each seed + r; a
   clone whose run already finished at the same commit and seeds is reused, so an interrupted call resumes;
+  one that finished at another commit with the same seeds is moved to HEAD in place (:func:`_move_clone`):
+  its own outputs and ``dvc.lock`` kept, ``dvc repro`` reruns only the stages whose code, params or inputs
+  changed since its own run (DVC's rule, the same as in the workspace), so a change to the search reruns the
+  search and what follows it, not collect;
 - the clones' stage commands run the installed ``metadqn`` (this workspace's, editable): the refusal of
   uncommitted changes is what makes it HEAD's code, so do not edit ``src/`` while replicates run;
 - each replicate's stage runs go to the workspace's MLflow store as children of one parent run;
@@ -195,13 +199,18 @@ def run_replicate(root: Path, workdir: Path, r: int, commit: str, seeds: Mapping
     project = workdir / f"r{r}"
     marker = _done_marker(project)
     want = {"commit": commit, "seeds": dict(seeds)}
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    done = json.loads(marker.read_text()) if marker.is_file() else None
+    if done == want:
         return project
-    if project.exists():
-        shutil.rmtree(project)
-    project.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "clone", "-q", "--no-checkout", str(root), str(project)], check=True)
-    subprocess.run(["git", "checkout", "-q", commit], cwd=project, check=True)
+    if done is not None and done.get("seeds") == want["seeds"]:
+        marker.unlink()  # an interrupted move must not pass for a finished run
+        _move_clone(project, commit)
+    else:
+        if project.exists():
+            shutil.rmtree(project)
+        project.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "-q", "--no-checkout", str(root), str(project)], check=True)
+        subprocess.run(["git", "checkout", "-q", commit], cwd=project, check=True)
     params_file = project / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     params_file.write_text(yaml.safe_dump(with_seeds(params, seeds), sort_keys=False))
@@ -214,6 +223,22 @@ def run_replicate(root: Path, workdir: Path, r: int, commit: str, seeds: Mapping
                                      f"is {log}")
     marker.write_text(json.dumps(want, sort_keys=True) + "\n")
     return project
+
+
+def _move_clone(project: Path, commit: str) -> None:
+    """Checks ``commit`` out in a finished replicate clone, keeping what its own run wrote.
+
+    The tracked files that differ from the clone's commit are its run's (its ``dvc.lock`` and the outputs
+    that git tracks, e.g. metrics files; its code is never edited) plus its seeded ``params.yaml``; the
+    checkout would replace them with replicate 0's, so they are put back after it (``params.yaml`` is
+    rewritten with the seeds by the caller). Untracked outputs (models, trajectories) stay as they are."""
+    changed = [name for name in _git(project, "diff", "--name-only", "HEAD").splitlines()
+               if name and name != "params.yaml"]
+    own = {name: (project / name).read_bytes() for name in changed if (project / name).is_file()}
+    _git(project, "fetch", "-q", "origin")
+    _git(project, "checkout", "-q", "-f", commit)
+    for name, data in own.items():
+        (project / name).write_bytes(data)
 
 
 def run_replicates(root: Path, n: int, workdir: Path, out_json: Path, out_md: Path, confidence: float,
