@@ -18,6 +18,13 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two xdist workers on two cores: torch's in-process work on one thread each (two threads per worker
+    # would wait on each other); tests that depend on a thread count set it themselves
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_params():
@@ -63,3 +70,4 @@ def tiny_project(tmp_path_factory):
     first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return project
+
