@@ -70,4 +70,3 @@ def tiny_project(tmp_path_factory):
     first = dvc(project, "repro")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return project
-
