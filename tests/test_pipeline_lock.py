@@ -41,7 +41,11 @@ def test_the_lock_is_held_until_the_guard_has_killed_the_children_of_a_killed_ho
         f"with pipeline_lock(Path({str(lock)!r})) as fd:\n"
         "    guard = Guard(keep_fds=(fd,), grace=1.5)\n"
         "    child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'], start_new_session=True)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)'], "
+        "stdout=subprocess.PIPE, start_new_session=True)\n"
+        # the child's pid is handed over only once it ignores SIGTERM: on a busy machine its interpreter may
+        # still be starting when the guard's SIGTERM comes, and that kills it at once (CI saw it die in 0.09 s)
+        "    child.stdout.readline()\n"
         "    guard.watch_group(child.pid)\n"
         "    print(child.pid, flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
