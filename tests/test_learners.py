@@ -45,3 +45,17 @@ def test_saved_models_know_their_inputs_from_the_registry(tiny_run):
         assert model.config.uses_context == (entry.task_input == "context"), name
         assert model.config.uses_physics == (entry.task_input == "physics"), name
         assert (model.theta is not None) == (entry.module == "init"), name
+
+
+def test_variants_borrow_a_searched_sources_configuration(tmp_path):
+    """hypernet-oracle borrows the hypernet's fine-tuning choice; select its first candidate's, if that one is
+    searched; a variant whose source is not searched is searched itself."""
+    from metadqn.evaluation.search import borrowed
+
+    params = load_params(ROOT / "params.yaml")
+    every = ["hypernet", "hypernet-oracle", "siamese", "multitask", "select"]
+    assert borrowed(every, params) == {"hypernet-oracle": "hypernet", "select": "hypernet"}
+    assert borrowed(["siamese", "hypernet-oracle", "select"], params) == {}
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("meta_train:\n  select:\n    candidates: [siamese, hypernet]\n")
+    assert borrowed(every, load_params(ROOT / "params.yaml", overlay))["select"] == "siamese"

@@ -40,10 +40,14 @@ def test_search_selects_per_method_and_reads_no_test_task(tiny_run, tmp_path):
     selected = run_finetune_search(params, store, meta.models, _outputs(tmp_path / "a"))
     summary = pd.read_csv(tmp_path / "a" / "search.csv")
     methods = set(summary["method"]) - {"scratch"}
-    # hypernet-oracle is not searched: it fine-tunes with the hypernet's choice
-    assert "hypernet-oracle" not in methods
-    assert selected["hypernet-oracle"] == {**selected["hypernet"], "as": "hypernet"}
-    assert methods == set(selected) - {"hypernet-oracle"} and "scratch" not in selected and len(methods) >= 2
+    # hypernet-oracle and select are not searched: they fine-tune with the hypernet's choice (select: its
+    # first candidate's)
+    assert params.meta_train.select.candidates[0] == "hypernet"
+    assert not {"hypernet-oracle", "select"} & methods
+    for variant in ("hypernet-oracle", "select"):
+        assert selected[variant] == {**selected["hypernet"], "as": "hypernet"}
+    assert methods == set(selected) - {"hypernet-oracle", "select"} and "scratch" not in selected
+    assert len(methods) >= 2
     assert set(summary.loc[summary["method"] != "scratch", "candidate"]) == set(CANDIDATES)
     # scratch runs once, with the dqn section, as the reference row; it is never selected
     ref = summary[summary["method"] == "scratch"]

@@ -10,8 +10,8 @@ AUC IQMs of the two validation splits, so that what works out of range counts as
 range (a pooled IQM would trim the few out-of-range tasks away as outliers). Scratch is not searched: it keeps the
 dqn section, which is tuned for learning from scratch; it runs once as a reference row (the bar a start
 must clear on the same tasks). A variant that borrows another method's configuration
-(``Learner.finetunes_as``: hypernet-oracle the hypernet's) is not searched; the selection file gives it the
-borrowed choice, marked ``"as": <method>``.
+(``Learner.finetunes_as``: hypernet-oracle the hypernet's; ``select`` its first candidate's, see
+:func:`borrowed`) is not searched; the selection file gives it the borrowed choice, marked ``"as": <method>``.
 
 Held-out test tasks are never read: the search gets a :class:`TaskStore` that opens only the train and
 validation splits (a read of a test task raises ``LeakageError``), and its contexts come from
@@ -83,13 +83,21 @@ def learned_methods(params: Params, models: Path) -> list[str]:
     return [m for m in params.meta_test.methods if m != SCRATCH and (models / m / "model.pt").exists()]
 
 
-def borrowed(methods: list[str]) -> dict[str, str]:
+def borrowed(methods: list[str], params: Params) -> dict[str, str]:
     """``{variant: learner}`` for the methods that take another searched method's configuration instead of
-    being searched (``Learner.finetunes_as``: hypernet-oracle takes the hypernet's)."""
+    being searched: those with ``Learner.finetunes_as`` (hypernet-oracle takes the hypernet's), and
+    ``select``, which takes its first candidate's (``meta_train.select.candidates[0]``, the hypernet by
+    default). Why select: its start *is* one of its candidates' starts, and the first one's unless another's
+    TD error beats it by the kept margin (1000 in most runs: the hypernet's start on nearly every validation
+    task), so its own search mostly repeated the first candidate's at a fifth of the search's time. A source
+    that is not searched itself lends nothing (the variant is then searched)."""
     out = {}
     for m in methods:
         source = get_learner(m).finetunes_as
-        if source is not None and source in methods:
+        if m == "select":
+            source = params.meta_train.select.candidates[0]
+        if source is not None and source in methods and get_learner(source).finetunes_as is None \
+                and source != "select":
             out[m] = source
     return out
 
@@ -97,7 +105,7 @@ def borrowed(methods: list[str]) -> dict[str, str]:
 def searched_methods(params: Params, models: Path) -> list[str]:
     """The methods the search fine-tunes: the meta-learned ones, less those that borrow a configuration."""
     methods = learned_methods(params, models)
-    lent = borrowed(methods)
+    lent = borrowed(methods, params)
     return [m for m in methods if m not in lent]
 
 
@@ -193,7 +201,7 @@ def run_search(params: Params, store: TaskStore, models: Path,
                         .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
                        ignore_index=True)
     summary = summarise_search(scores, curves, params)
-    selected = select(summary, params, borrowed(learned_methods(params, models)))
+    selected = select(summary, params, borrowed(learned_methods(params, models), params))
     return SearchResult(summary, scores, selected)
 
 
