@@ -96,9 +96,8 @@ def borrowed(methods: list[str], params: Params) -> dict[str, str]:
         source = get_learner(m).finetunes_as
         if m == "select":
             source = params.meta_train.select.candidates[0]
-        if source is not None and source in methods and get_learner(source).finetunes_as is None \
-                and source != "select":
-            out[m] = source
+        if source is not None and source in methods:  # a source never borrows: select's candidates and
+            out[m] = source                             # the finetunes_as targets are searched learners
     return out
 
 
