@@ -314,10 +314,19 @@ class SelectConfig(_Section):
     the siamese index's ``k`` nearest experts, the multitask or reptile network."""
     k: int = Field(3, ge=1)
     """How many of the siamese index's nearest experts are candidates (each one on its own)."""
-    score: Literal["squared", "relative"] = "squared"
-    """How a candidate's TD errors on the context are scored: their mean square, or that over the mean
-    square of its Q(s, a) (scale-free: a network whose Q-values are small does not look consistent with
-    every task for that reason alone). Lowest wins."""
+    score: Literal["squared", "relative", "model"] = "model"
+    """How a candidate is scored on the task's context, lowest wins: ``model``, how far its greedy policy's
+    return, simulated in a linear model of the task's dynamics fitted to the context, falls short of the
+    model's best (:mod:`metadqn.meta.dynamics`); ``squared``, its mean squared one-step TD error on the
+    context; ``relative``, that over the mean square of its Q(s, a) (scale-free). ``model`` asks what a
+    start would *do* on the task, the TD error only whether its values are self-consistent there (README,
+    "A start chosen from the context")."""
+    model_starts: int = Field(8, ge=1, le=1000)
+    """``model`` score: how many start states (draws of the family's reset distribution) each candidate's
+    policy is simulated from; the score is the mean over them."""
+    model_ridge: float = Field(1e-3, gt=0.0, le=1e3)
+    """``model`` score: the ridge term of the least-squares fit of the dynamics (it keeps the fit solvable
+    when a context never moves one coordinate)."""
     margins: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 1e6], min_length=1)
     """The first candidate (the hypernet's, when listed) is chosen unless another's score is lower than its
     own divided by the margin; the meta_train stage keeps the margin with the best validation zero-shot

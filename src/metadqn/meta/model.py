@@ -38,6 +38,10 @@ class MetaModelConfig:
     """select: the learner of each fixed candidate network (the rows of SelectQ.fixed)."""
     select_score: str = "squared"
     """select: how it scores the candidates' TD errors (``meta_train.select.score``)."""
+    select_model_starts: int = 8
+    """select, ``model`` score: start states per simulation (``meta_train.select.model_starts``)."""
+    select_model_ridge: float = 1e-3
+    """select, ``model`` score: the dynamics fit's ridge term (``meta_train.select.model_ridge``)."""
 
     @property
     def uses_context(self) -> bool:
@@ -120,7 +124,8 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
         return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
                        _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
                        torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score,
-                       float(sd["margin"]) if "margin" in sd else 1.0)
+                       float(sd["margin"]) if "margin" in sd else 1.0, cfg.select_model_starts,
+                       cfg.select_model_ridge)
     # the action effect's buffers exist only where the encoder reads it (meta_train.action_effect)
     encoder = build_encoder("oracle" if cfg.uses_physics else cfg.encoder, family, cfg.encoder_hidden,
                             cfg.embed_dim, "encoder.effect.lo" in sd, cfg.n_physics)

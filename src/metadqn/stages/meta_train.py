@@ -164,7 +164,7 @@ def train_multitask(data: MetaData, params: Params, scores: np.ndarray | None = 
 
 def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
                  built: dict[str, MetaModel]) -> LearnerResult:
-    """Nothing to fit: the TD-error chooser over the starts of ``meta_train.select.candidates`` (trained
+    """Nothing to fit: the chooser (``select.score``) over the starts of ``meta_train.select.candidates`` (trained
     just before). Its metrics say how often each source was chosen on the validation tasks."""
     from metadqn.meta.hypernet import HyperQ
     from metadqn.meta.select import SelectQ
@@ -181,10 +181,11 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     for row, name in zip(fixed, fixed_names, strict=True):
         row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
     module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names,
-                     cfg.score)
+                     cfg.score, model_starts=cfg.model_starts, model_ridge=cfg.model_ridge)
     ids = list(data.train.tasks["task_id"]) if index is not None else []
     model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
-                                    select_score=cfg.score), module=module.eval())
+                                    select_score=cfg.score, select_model_starts=cfg.model_starts,
+                                    select_model_ridge=cfg.model_ridge), module=module.eval())
     # the margin in favour of the first candidate: the best on validation (ties: the earlier one)
     zs, val = {}, {}
     for margin in cfg.margins:
