@@ -306,8 +306,8 @@ _DEFAULT_CANDIDATES: list[SelectCandidate] = ["hypernet", "siamese", "multitask"
 
 
 class SelectConfig(_Section):
-    """A start chosen from the context: the candidate start with the lowest TD error on the task's context
-    (:mod:`metadqn.meta.select`). It fits nothing; it is built from the other learners' models."""
+    """A start chosen from the context: the candidate start that scores best on the task's context (``score``;
+    :mod:`metadqn.meta.select`). It fits nothing; it is built from the other learners' models."""
 
     candidates: list[SelectCandidate] = Field(default_factory=lambda: _DEFAULT_CANDIDATES.copy(), min_length=1)
     """Whose starts compete (each must be in ``meta_train.learners``): the hypernet's generated network,
@@ -332,7 +332,8 @@ class SelectConfig(_Section):
     own divided by the margin; the meta_train stage keeps the margin with the best validation zero-shot
     (ties: the earlier in this list). 1 is the plain lowest-score rule; a huge margin trusts the first
     candidate whatever the scores. Why: the TD error ranks a real expert above a generated network whose
-    policy is as good, and validation can tell how much to discount it."""
+    policy is as good, and validation can tell how much to discount it. With the ``model`` score a start
+    that lasts the whole simulated episode scores 0 and no margin displaces it; validation keeps 1."""
 
     @field_validator("margins")
     @classmethod

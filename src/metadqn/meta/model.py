@@ -37,7 +37,7 @@ class MetaModelConfig:
     fixed_names: list[str] = field(default_factory=list)
     """select: the learner of each fixed candidate network (the rows of SelectQ.fixed)."""
     select_score: str = "squared"
-    """select: how it scores the candidates' TD errors (``meta_train.select.score``)."""
+    """select: how it scores the candidates on the context (``meta_train.select.score``)."""
     select_model_starts: int = 8
     """select, ``model`` score: start states per simulation (``meta_train.select.model_starts``)."""
     select_model_ridge: float = 1e-3

@@ -18,8 +18,9 @@ Candidates (``meta_train.select.candidates``): the hypernetwork's generated netw
 network.
 
 The TD-error scores (the first version, kept for comparison): each candidate Q is scored on the C context
-transitions (s, a, r, s', terminated) by its mean squared one-step TD error ``Q(s, a) - (r + gamma (1 - terminated) max_a' Q(s', a'))``, with the dqn
-section's gamma (the discount every candidate was trained with), and the lowest wins.
+transitions (s, a, r, s', terminated) by its mean squared one-step TD error
+``Q(s, a) - (r + gamma (1 - terminated) max_a' Q(s', a'))``, with the dqn section's gamma (the discount
+every candidate was trained with), and the lowest wins.
 
 Why this score. A network trained on a task is close to a fixed point of that task's Bellman operator; on
 another task's transitions, where the same action leads to other next states or terminations (another
