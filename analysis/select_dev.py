@@ -9,8 +9,10 @@ It draws ``--n`` interpolation and ``--n`` extrapolation tasks with task seed ``
 the project's 0), takes 3 random-policy contexts per task, and reports the mean normalised greedy return,
 (R - R_random) / (solved - R_random), of: the hypernet's start alone, the TD-error choice (``squared``, at
 ``--td-margin``, the margin the runs kept), the model choice (``model``, margin 1), and the best candidate
-per (task, context), the ceiling of any chooser. This is what README "A start chosen from the context"
-reports.
+per (task, context), the ceiling of any chooser; and siamese's own start, the nearest expert, beside the
+select.k (or ``--k``) nearest experts re-ranked by the model score (``siamese.rerank``). This is what README
+"A start chosen from the context" and "Siamese out of range" report. In a replicate clone whose params.yaml
+predates a key, pass ``--params`` of a current one (only the context size and network shape are read).
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ def main() -> None:
     ap.add_argument("--task-seed", type=int, default=999)
     ap.add_argument("--td-margin", type=float, default=1000.0)
     ap.add_argument("--out", default=None, help="a JSON file for the figures")
+    ap.add_argument("--k", type=int, default=None, help="nearest experts among select's candidates (default: its own)")
+    ap.add_argument("--params", default="params.yaml", help="context size and network shape come from here")
     args = ap.parse_args()
 
-    params = load_params("params.yaml")
+    params = load_params(args.params)
     model = MetaModel.load("models/meta/select")
     select, fam = model.module, model.family
     assert isinstance(select, SelectQ)
+    if args.k:
+        select.k = args.k
     hidden = params.dqn.hidden_sizes
     dev = sample_tasks(fam, {"interp": args.n, "extrap": args.n}, args.task_seed)
     mat, split = task_matrix(dev, fam), dev["split"].to_numpy()
@@ -59,6 +65,13 @@ def main() -> None:
         z = (ret - rnd[:, None]) / (fam.solved_return - rnd[:, None])  # [T, M]
         rows.setdefault("hypernet", []).append(z[:, 0])
         rows.setdefault("best candidate", []).append(z.max(1))
+        # siamese's own start (its nearest expert) and the nearest experts re-ranked by the model score
+        near = [j for j, src in enumerate(select.sources()) if src.startswith("siamese-")]
+        rows.setdefault("siamese nearest", []).append(z[:, near[0]])
+        select.score = "model"
+        err = select.choose(feats)[2].numpy()[:, near]
+        rows.setdefault(f"siamese re-ranked by model ({len(near)} nearest)", []).append(
+            z[np.arange(t), np.array(near)[err.argmin(1)]])
         for score, margin in (("squared", args.td_margin), ("model", 1.0)):
             select.score = score
             select.set_margin(margin)

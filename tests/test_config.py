@@ -33,6 +33,10 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("dqn_presets: {pong: {gamma: 0.9}}", "dqn_presets has unknown family 'pong'"),
         ("dqn_presets: {acrobot: {gamma: 1.5}}", "dqn_presets.acrobot: gamma must be <= 1.0 (got 1.5)"),
         ("dqn_presets: {acrobot: {gama: 0.9}}", "dqn_presets.acrobot: gama is not a known key"),
+        ("meta_train: {siamese: {rerank: 1}}", "meta_train.siamese rerank must be 0 (off) or at least 2"),
+        ("meta_train: {siamese: {rerank: 3, k: 2}}", "meta_train.siamese k 2 averages the nearest experts"),
+        ("meta_train: {select: {model_starts: 8}}", "meta_train.select.model_starts is not a known key"),
+        ("meta_train: {model_score: {ridge: 0}}", "meta_train.model_score.ridge must be > 0.0 (got 0)"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(tmp_path, text, expected):

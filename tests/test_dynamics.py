@@ -1,5 +1,5 @@
-"""A task's dynamics fitted to its context and a policy simulated in it (metadqn.meta.dynamics), and select's
-``model`` score built on them."""
+"""A task's dynamics fitted to its context and a policy simulated in it (metadqn.meta.dynamics), and the
+``model`` score built on them: select's chooser and siamese's re-ranking of its nearest experts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from metadqn.dqn.qnetwork import n_params, param_shapes
 from metadqn.envs import get_family
 from metadqn.evaluation.protocol import contexts
 from metadqn.meta.context import features_from_arrays
-from metadqn.meta.dynamics import fit_linear, simulated_steps, start_states, termination
-from metadqn.meta.select import SelectQ, model_shortfall
+from metadqn.meta.dynamics import ModelScore, fit_linear, model_shortfall, simulated_steps, start_states, termination
+from metadqn.meta.model import MetaModel, MetaModelConfig
+from metadqn.meta.select import SelectQ
+from metadqn.meta.siamese import SiameseIndex
 
 FAMILY = get_family("cartpole-mirrored")
 HIDDEN = [8, 8]
@@ -92,3 +94,45 @@ def test_select_with_the_model_score_picks_the_right_push_direction(score):
         assert pick == [1, 0]
     else:  # these hand-made networks' values are not Bellman-consistent anywhere: the TD error cannot tell
         assert pick != [1, 0]
+
+
+class _ConstantEncoder(torch.nn.Module):
+    """Embeds every context at the origin: the index's nearest expert is then fixed by its embeddings."""
+
+    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(ctx.shape[0], 1)
+
+
+def _mirrored_first_index(rerank: int) -> SiameseIndex:
+    """Two experts, the mirror-pushing one nearest to every task, the other at twice its distance."""
+    experts = torch.stack([_lean_controller(-1.0), _lean_controller(1.0)])
+    return SiameseIndex(_ConstantEncoder(), torch.tensor([[1.0], [2.0]]), experts, ["mirror", "right"], 1,  # type: ignore[arg-type]
+                        rerank, ModelScore(FAMILY, SHAPES))
+
+
+def test_siamese_rerank_starts_from_the_expert_that_lasts_in_the_context_model():
+    tasks = np.array([_task(1.0), _task(1.0, force=6.0, length=0.8)])  # the second is out of range
+    ctx = _context(tasks)
+    mirror, right = _lean_controller(-1.0), _lean_controller(1.0)
+    nearest = _mirrored_first_index(0).init_flat(ctx)
+    assert all(torch.equal(row, mirror) for row in nearest)
+    reranked = _mirrored_first_index(2).init_flat(ctx)
+    assert all(torch.equal(row, right) for row in reranked)
+
+
+def test_siamese_rerank_survives_saving_and_a_legacy_config_loads(tmp_path):
+    from metadqn.meta.context import build_encoder
+
+    experts = torch.stack([_lean_controller(-1.0), _lean_controller(1.0)])
+    index = SiameseIndex(build_encoder("deepset", FAMILY, 16, 4, False), torch.zeros(2, 4), experts, ["a", "b"], 1,
+                         2, ModelScore(FAMILY, SHAPES, starts=5))
+    cfg = MetaModelConfig("siamese", FAMILY.name, HIDDEN, 64, embed_dim=4, encoder_hidden=16, task_ids=["a", "b"],
+                          rerank=2, model_starts=5)
+    MetaModel(cfg, module=index).save(tmp_path / "m")
+    loaded = MetaModel.load(tmp_path / "m").module
+    assert isinstance(loaded, SiameseIndex) and loaded.rerank == 2
+    assert loaded.score is not None and loaded.score.starts == 5
+    # a config.json written before the model score was shared names its settings select_model_*
+    raw = (tmp_path / "m" / "config.json").read_text().replace('"model_starts"', '"select_model_starts"')
+    (tmp_path / "m" / "config.json").write_text(raw)
+    assert MetaModel.load(tmp_path / "m").config.model_starts == 5

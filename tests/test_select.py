@@ -92,7 +92,7 @@ def test_the_relative_score_does_not_favour_a_network_for_its_small_values():
     relative = SelectQ(FAMILY, HIDDEN, None, None, nets, k=1, gamma=0.9, score="relative")
     assert squared.choose(ctx)[1].tolist() == [0, 0] and relative.choose(ctx)[1].tolist() == [1, 1]
     torch.testing.assert_close(relative.choose(ctx)[2], torch.tensor([[0.81, 4.0 / 900]]).expand(2, 2))
-    with pytest.raises(ValueError, match="unknown TD score"):
+    with pytest.raises(ValueError, match="unknown select score"):
         SelectQ(FAMILY, HIDDEN, None, None, nets, k=1, gamma=0.9, score="absolute")
 
 

@@ -271,6 +271,20 @@ class SiameseConfig(_Section):
     """Neighbours used at meta-test: 1 starts from the nearest expert, more averages their parameters."""
     index_contexts: int = Field(8, ge=1)
     """Random contexts averaged into each training task's index embedding."""
+    rerank: int = Field(0, ge=0, le=1000)
+    """0: the start is the nearest expert (or the k-average). n >= 2: the start is whichever of the n nearest
+    experts scores best under the model score (``meta_train.model_score``): its greedy policy simulated in
+    a linear model of the task's dynamics fitted to the context, the score select uses. Out of range the
+    nearest embedding is often not the best expert; the context's transitions tell them apart."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SiameseConfig:
+        if self.rerank == 1:
+            raise ValueError("rerank must be 0 (off) or at least 2 (1 is the nearest expert: use 0)")
+        if self.rerank and self.k > 1:
+            raise ValueError(f"k {self.k} averages the nearest experts and rerank {self.rerank} picks one of them:"
+                             " set k to 1 or rerank to 0")
+        return self
 
 
 class ReptileConfig(_Section):
@@ -301,6 +315,19 @@ class MultitaskConfig(_Section):
     """Environment steps, summed over one environment per training task (domain randomisation)."""
 
 
+class ModelScoreConfig(_Section):
+    """The model score (:class:`metadqn.meta.dynamics.ModelScore`): a candidate start's greedy policy simulated
+    in a linear model of the task's dynamics fitted to its context. Used by select (``select.score: model``)
+    and by siamese's re-ranking (``siamese.rerank``)."""
+
+    starts: int = Field(8, ge=1, le=1000)
+    """How many start states (draws of the family's reset distribution) each policy is simulated from; the
+    score is the mean over them."""
+    ridge: float = Field(1e-3, gt=0.0, le=1e3)
+    """The ridge term of the least-squares fit of the dynamics (it keeps the fit solvable when a context
+    never moves one coordinate)."""
+
+
 SelectCandidate = Literal["hypernet", "siamese", "multitask", "reptile"]
 _DEFAULT_CANDIDATES: list[SelectCandidate] = ["hypernet", "siamese", "multitask"]
 
@@ -318,15 +345,10 @@ class SelectConfig(_Section):
     """How a candidate is scored on the task's context, lowest wins: ``model``, how far its greedy policy's
     return, simulated in a linear model of the task's dynamics fitted to the context, falls short of the
     model's best (:mod:`metadqn.meta.dynamics`); ``squared``, its mean squared one-step TD error on the
-    context; ``relative``, that over the mean square of its Q(s, a) (scale-free). ``model`` asks what a
+    context; ``relative``, that over the mean square of its Q(s, a) (scale-free). ``model`` (its settings:
+    ``meta_train.model_score``) asks what a
     start would *do* on the task, the TD error only whether its values are self-consistent there (README,
     "A start chosen from the context")."""
-    model_starts: int = Field(8, ge=1, le=1000)
-    """``model`` score: how many start states (draws of the family's reset distribution) each candidate's
-    policy is simulated from; the score is the mean over them."""
-    model_ridge: float = Field(1e-3, gt=0.0, le=1e3)
-    """``model`` score: the ridge term of the least-squares fit of the dynamics (it keeps the fit solvable
-    when a context never moves one coordinate)."""
     margins: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 1e6], min_length=1)
     """The first candidate (the hypernet's, when listed) is chosen unless another's score is lower than its
     own divided by the margin; the meta_train stage keeps the margin with the best validation zero-shot
@@ -382,6 +404,7 @@ class MetaTrainConfig(_Section):
     reptile: ReptileConfig = Field(default_factory=ReptileConfig)
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    model_score: ModelScoreConfig = Field(default_factory=ModelScoreConfig)
 
     @field_validator("learners")
     @classmethod

@@ -1,5 +1,6 @@
-"""A task's dynamics fitted to its context, and a policy's return simulated in that model (select's
-``model`` score).
+"""A task's dynamics fitted to its context, and a policy's return simulated in that model: the ``model``
+score, with which select chooses among its candidates and siamese re-ranks its nearest experts
+(:class:`ModelScore`).
 
 The model is linear: ``s' - s = W [s, onehot(a)]``, fitted per task by ridge regression on the C context
 transitions (no environment step beyond the context). Linear because C is small (64 random transitions
@@ -19,6 +20,7 @@ reads.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from metadqn.dqn.qnetwork import functional_q
 from metadqn.envs.families import Family
+from metadqn.meta.context import transitions_from_features
 
 Termination = Callable[[Tensor], Tensor]
 """obs [..., obs_dim] -> bool [...]: whether the episode has ended in that state."""
@@ -35,7 +38,14 @@ Termination = Callable[[Tensor], Tensor]
 @cache
 def termination(family: Family) -> Termination:
     """The family's termination rule on observations, with gymnasium's thresholds."""
-    env = family.make_env(family.defaults()).unwrapped
+    made = family.make_env(family.defaults())
+    try:
+        return _termination(family, made.unwrapped)
+    finally:
+        made.close()
+
+
+def _termination(family: Family, env: object) -> Termination:
     env_id = family.env_id
     if env_id == "CartPole-v1":
         x_max, theta_max = float(env.x_threshold), float(env.theta_threshold_radians)  # type: ignore[attr-defined]
@@ -46,7 +56,7 @@ def termination(family: Family) -> Termination:
     if env_id == "Acrobot-v1":
         # gymnasium's _terminal: -cos(t1) - cos(t1 + t2) > 1, with obs = cos t1, sin t1, cos t2, sin t2, ...
         return lambda s: -s[..., 0] - (s[..., 0] * s[..., 2] - s[..., 1] * s[..., 3]) > 1.0
-    raise ValueError(f"no termination rule for {env_id} (family {family.name}): select.score 'model' needs one")
+    raise ValueError(f"no termination rule for {env_id} (family {family.name}): the model score needs one")
 
 
 @cache
@@ -92,3 +102,35 @@ def simulated_steps(flat: Tensor, model: Tensor, starts: Tensor, shapes: Sequenc
         if not alive.any():
             break
     return steps.mean(-1).reshape(t, m)
+
+
+def model_shortfall(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[str, tuple[int, ...]]],
+                    n_starts: int, ridge: float) -> Tensor:
+    """[T, M]: how far each of M candidate networks' return, simulated in a linear model of its task's
+    dynamics fitted to the task's context ctx [T, C, F] (:func:`fit_linear`), falls short of the best a
+    policy can get in that model: with r the context's mean reward and n the steps the greedy policy lasts
+    (at most the family's episode limit H), ``H max(r, 0) - r n`` (CartPole, reward +1 until failure:
+    H - n; MountainCar and Acrobot, -1 until the goal: n). flat [T, M, P]; lower is better."""
+    tr = transitions_from_features(ctx, family)
+    model = fit_linear(tr["obs"], tr["action"], tr["next_obs"], family.n_actions, ridge)
+    horizon = family.max_episode_steps
+    steps = simulated_steps(flat, model, start_states(family, n_starts), shapes, family.n_actions,
+                            termination(family), horizon)
+    r = tr["reward"].mean(-1, keepdim=True)
+    return horizon * r.clamp(min=0.0) - r * steps
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """:func:`model_shortfall` with its settings bound (``meta_train.model_score``): flat [T, M, P] and
+    ctx [T, C, F] -> [T, M], lower is better. One object shared by select and siamese's re-ranking."""
+
+    family: Family
+    shapes: Sequence[tuple[str, tuple[int, ...]]]
+    starts: int = 8
+    """Start states each policy is simulated from (``meta_train.model_score.starts``)."""
+    ridge: float = 1e-3
+    """The dynamics fit's ridge term (``meta_train.model_score.ridge``)."""
+
+    def __call__(self, flat: Tensor, ctx: Tensor) -> Tensor:
+        return model_shortfall(flat, ctx, self.family, self.shapes, self.starts, self.ridge)

@@ -38,10 +38,12 @@ class MetaModelConfig:
     """select: the learner of each fixed candidate network (the rows of SelectQ.fixed)."""
     select_score: str = "squared"
     """select: how it scores the candidates on the context (``meta_train.select.score``)."""
-    select_model_starts: int = 8
-    """select, ``model`` score: start states per simulation (``meta_train.select.model_starts``)."""
-    select_model_ridge: float = 1e-3
-    """select, ``model`` score: the dynamics fit's ridge term (``meta_train.select.model_ridge``)."""
+    model_starts: int = 8
+    """select and siamese's re-ranking: the model score's start states (``meta_train.model_score.starts``)."""
+    model_ridge: float = 1e-3
+    """select and siamese's re-ranking: the model score's ridge term (``meta_train.model_score.ridge``)."""
+    rerank: int = 0
+    """siamese: how many nearest experts the model score chooses among, 0 for off (``siamese.rerank``)."""
 
     @property
     def uses_context(self) -> bool:
@@ -98,7 +100,11 @@ class MetaModel:
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder}: no meta-model here (run `dvc repro meta_train`)")
-        cfg = MetaModelConfig(**json.loads((folder / "config.json").read_text()))
+        raw = json.loads((folder / "config.json").read_text())
+        for legacy, key in _RENAMED.items():  # models saved before the model score was shared
+            if legacy in raw:
+                raw[key] = raw.pop(legacy)
+        cfg = MetaModelConfig(**raw)
         sd = load_state_dict(folder / "model.pt")
         kind = get_learner(cfg.learner).module
         if kind == "init":
@@ -108,8 +114,13 @@ class MetaModel:
         return cls(cfg, module=module.eval())
 
 
+_RENAMED = {"select_model_starts": "model_starts", "select_model_ridge": "model_ridge"}
+"""config.json keys of older saved models -> today's names."""
+
+
 def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
     """An untrained module of ``kind`` shaped to hold ``sd`` (a saved state_dict)."""
+    from metadqn.meta.dynamics import ModelScore
     from metadqn.meta.hypernet import HyperQ
     from metadqn.meta.select import SelectQ
     from metadqn.meta.siamese import SiameseIndex
@@ -124,8 +135,7 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
         return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
                        _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
                        torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score,
-                       float(sd["margin"]) if "margin" in sd else 1.0, cfg.select_model_starts,
-                       cfg.select_model_ridge)
+                       float(sd["margin"]) if "margin" in sd else 1.0, cfg.model_starts, cfg.model_ridge)
     # the action effect's buffers exist only where the encoder reads it (meta_train.action_effect)
     encoder = build_encoder("oracle" if cfg.uses_physics else cfg.encoder, family, cfg.encoder_hidden,
                             cfg.embed_dim, "encoder.effect.lo" in sd, cfg.n_physics)
@@ -135,4 +145,7 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
             net.set_gate(torch.zeros_like(sd["gate_points"]))
         return net
     n, p = sd["expert_flat"].shape
-    return SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k)
+    score = ModelScore(family, param_shapes(family.obs_dim, family.n_actions, cfg.q_hidden), cfg.model_starts,
+                       cfg.model_ridge)
+    return SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k, cfg.rerank,
+                        score)

@@ -3,7 +3,7 @@ greedy policy does best in a model of the task's dynamics fitted to its own cont
 (``score: model``, the default), or whose Q-values best satisfy the task's Bellman equation there
 (``squared``, ``relative``).
 
-The model score (:func:`model_shortfall`, :mod:`metadqn.meta.dynamics`): a linear model of the state change
+The model score (:class:`metadqn.meta.dynamics.ModelScore`): a linear model of the state change
 per action, fitted by ridge regression to the C context transitions, in which each candidate's greedy
 policy is rolled out from the family's start states; the candidate that lasts longest (CartPole) or
 reaches the goal soonest (MountainCar, Acrobot) wins. It asks what a start would *do* on the task, which
@@ -54,12 +54,13 @@ from metadqn.dqn.qnetwork import functional_q, param_shapes
 from metadqn.dqn.trainer import bellman_target
 from metadqn.envs.families import Family
 from metadqn.meta.context import transitions_from_features
+from metadqn.meta.dynamics import ModelScore
 from metadqn.meta.hypernet import HyperQ
 from metadqn.meta.siamese import SiameseIndex
 
 SCORES = ("squared", "relative", "model")
 """How candidates are scored (``meta_train.select.score``): :func:`td_errors` (squared, relative) or
-:func:`model_shortfall` (model). Lower is better for each."""
+:class:`~metadqn.meta.dynamics.ModelScore` (model). Lower is better for each."""
 
 
 def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[str, tuple[int, ...]]],
@@ -81,30 +82,13 @@ def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[
     if score == "relative":
         return squared / (q_sa**2).mean(-1).clamp(min=1e-6)
     if score != "squared":
-        raise ValueError(f"unknown TD score {score!r} (one of: {', '.join(SCORES)})")
+        raise ValueError(f"unknown TD score {score!r} (one of: squared, relative)")
     return squared
 
 
-def model_shortfall(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[str, tuple[int, ...]]],
-                    n_starts: int, ridge: float) -> Tensor:
-    """[T, M]: how far each candidate's return, simulated in a linear model of its task's dynamics fitted to
-    the context (:mod:`metadqn.meta.dynamics`), falls short of the best a policy can get in that model:
-    with r the context's mean reward and n the steps the greedy policy lasts (at most the family's episode
-    limit H), ``H max(r, 0) - r n`` (CartPole, reward +1 until failure: H - n; MountainCar and Acrobot,
-    -1 until the goal: n)."""
-    from metadqn.meta.dynamics import fit_linear, simulated_steps, start_states, termination
-
-    tr = transitions_from_features(ctx, family)
-    model = fit_linear(tr["obs"], tr["action"], tr["next_obs"], family.n_actions, ridge)
-    horizon = family.max_episode_steps
-    steps = simulated_steps(flat, model, start_states(family, n_starts), shapes, family.n_actions,
-                            termination(family), horizon)
-    r = tr["reward"].mean(-1, keepdim=True)
-    return horizon * r.clamp(min=0.0) - r * steps
-
-
 class SelectQ(nn.Module):
-    """The candidates' sources (a hypernetwork, a retrieval index, fixed networks) and the TD-error chooser."""
+    """The candidates' sources (a hypernetwork, a retrieval index, fixed networks) and the chooser that scores
+    them on the task's context (``score``)."""
 
     fixed: Tensor  # buffers (register_buffer), declared for the type checker
     gamma: Tensor
@@ -114,17 +98,17 @@ class SelectQ(nn.Module):
                  margin: float = 1.0, model_starts: int = 8, model_ridge: float = 1e-3):
         super().__init__()
         if score not in SCORES:
-            raise ValueError(f"unknown TD score {score!r} (one of: {', '.join(SCORES)})")
+            raise ValueError(f"unknown select score {score!r} (one of: {', '.join(SCORES)})")
         self.score = score
         """How candidates are scored (``meta_train.select.score``)."""
-        self.model_starts, self.model_ridge = model_starts, model_ridge
-        """The ``model`` score's start states and ridge (``meta_train.select.model_starts``, ``model_ridge``)."""
         if fixed_names and len(fixed_names) != fixed.shape[0]:
             raise ValueError(f"{len(fixed_names)} names for {fixed.shape[0]} fixed networks")
         self.fixed_names = list(fixed_names) or [f"fixed-{i}" for i in range(fixed.shape[0])]
         """The learner each fixed network comes from (e.g. multitask), in row order."""
         self.family = family
         self.shapes = param_shapes(family.obs_dim, family.n_actions, q_hidden)
+        self.model_score = ModelScore(family, self.shapes, model_starts, model_ridge)
+        """The ``model`` score with its start states and ridge (``meta_train.model_score``)."""
         self.hypernet = hypernet
         self.index = index
         self.k = k
@@ -179,11 +163,15 @@ class SelectQ(nn.Module):
         column's score is divided by the margin first; ties go to the first column."""
         flat = self.candidates(ctx)
         if self.score == "model":
-            err = model_shortfall(flat, ctx, self.family, self.shapes, self.model_starts, self.model_ridge)
+            err = self.model_score(flat, ctx)
         else:
             err = td_errors(flat, ctx, self.family, self.shapes, float(self.gamma), self.score)
-        pick = torch.cat([err[:, :1] / self.first_margin, err[:, 1:]], 1).argmin(1)
+        pick = self.pick(err)
         return flat[torch.arange(len(pick)), pick], pick, err
+
+    def pick(self, err: Tensor) -> Tensor:
+        """[T]: the chosen column for scores [T, M] (:meth:`choose`'s), at the current margin."""
+        return torch.cat([err[:, :1] / self.first_margin, err[:, 1:]], 1).argmin(1)
 
     def init_flat(self, ctx: Tensor) -> Tensor:
         return self.choose(ctx)[0]

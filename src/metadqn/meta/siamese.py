@@ -11,7 +11,12 @@ Each pair is embedded from two independent context draws, so two contexts of one
 
 The stage writes a task index: every training task's embedding (mean over several contexts) and its
 expert's parameters. A new task's Q-network starts from its nearest expert (k=1) or a distance-weighted
-average of the k nearest experts' parameters.
+average of the k nearest experts' parameters; or, with ``siamese.rerank: n``, from whichever of its n nearest
+experts does best in a model of the task's dynamics fitted to the same context (select's ``model`` score,
+:class:`metadqn.meta.dynamics.ModelScore`). Why re-rank: out of the training ranges the embedding's nearest
+expert is often one that pushes the wrong way or too weakly, while a better one is among the next few; the
+distance narrows the choice to experts of similar tasks, the context's own transitions pick among them
+(README, "Siamese out of range").
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from metadqn.data.normalise import ReturnScale
 from metadqn.dqn.qnetwork import StateDict
 from metadqn.envs.families import Family
 from metadqn.meta.context import ContextEncoder
+from metadqn.meta.dynamics import ModelScore
 
 log = logging.getLogger("metadqn.meta.siamese")
 
@@ -53,13 +59,19 @@ class SiameseIndex(nn.Module):
     embeddings: Tensor  # buffers (register_buffer), declared for the type checker
     expert_flat: Tensor
 
-    def __init__(self, encoder: ContextEncoder, embeddings: Tensor, expert_flat: Tensor, task_ids: list[str], k: int):
+    def __init__(self, encoder: ContextEncoder, embeddings: Tensor, expert_flat: Tensor, task_ids: list[str], k: int,
+                 rerank: int = 0, score: ModelScore | None = None):
         super().__init__()
+        if rerank > 1 and score is None:
+            raise ValueError("re-ranking the nearest experts needs a model score")
         self.encoder = encoder
         self.register_buffer("embeddings", embeddings)
         self.register_buffer("expert_flat", expert_flat)
         self.task_ids = task_ids
         self.k = k
+        self.rerank = rerank
+        """``siamese.rerank``: 0 (off) or how many nearest experts the model score chooses among."""
+        self.score = score
 
     def distance(self, ctx_a: Tensor, ctx_b: Tensor) -> Tensor:
         """Distance between the tasks of two batches of contexts [T, C, F] -> [T]."""
@@ -74,7 +86,13 @@ class SiameseIndex(nn.Module):
 
     @torch.no_grad()
     def init_flat(self, ctx: Tensor) -> Tensor:
-        """[T, P]: nearest expert (k=1) or the 1/distance-weighted average of the k nearest experts."""
+        """[T, P]: nearest expert (k=1) or the 1/distance-weighted average of the k nearest experts; with
+        ``rerank`` n > 1, the one of the n nearest experts with the lowest model score (ties: the nearer)."""
+        if self.rerank > 1:
+            assert self.score is not None
+            _, idx = self.neighbours(ctx, self.rerank)
+            flat = self.expert_flat[idx]  # [T, n, P]
+            return flat[torch.arange(flat.shape[0]), self.score(flat, ctx).argmin(1)]
         dist, idx = self.neighbours(ctx)
         w = 1.0 / (dist + 1e-6)
         w = w / w.sum(1, keepdim=True)

@@ -61,7 +61,8 @@ class LearnerResult:
 
 def _model_config(params: Params, learner: str, data: MetaData, **extra: Any) -> MetaModelConfig:
     mt = params.meta_train
-    fields: dict[str, Any] = {"encoder": mt.encoder, **extra}
+    fields: dict[str, Any] = {"encoder": mt.encoder, "model_starts": mt.model_score.starts,
+                              "model_ridge": mt.model_score.ridge, **extra}
     return MetaModelConfig(learner=learner, family=params.family.name, q_hidden=list(params.dqn.hidden_sizes),
                            context_size=mt.context_size, embed_dim=mt.embed_dim, encoder_hidden=mt.encoder_hidden,
                            hidden=mt.hypernet.hidden, n_physics=int(data.train.physics.shape[1]), **fields)
@@ -121,6 +122,7 @@ def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool, tea
 
 
 def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
+    from metadqn.meta.dynamics import ModelScore
     from metadqn.meta.siamese import SiameseIndex, fit_siamese, index_embeddings, top1_agreement
 
     mt, cfg, family = params.meta_train, params.meta_train.siamese, data.family
@@ -141,11 +143,19 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
     shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
     experts = torch.stack([flatten_state_dict(sd, shapes) for sd in data.experts])
     ids = list(data.train.tasks["task_id"])
-    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k)
+    ms = mt.model_score
+    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k, cfg.rerank, ModelScore(family, shapes, ms.starts,
+                                                                                        ms.ridge))
     _, nearest = index.neighbours(data.val.contexts.first())
     top1, random_top1 = top1_agreement(nearest[:, 0].numpy(), scores[:, n_train:])
-    model = MetaModel(_model_config(params, "siamese", data, k=cfg.k, task_ids=ids), module=index.eval())
-    return LearnerResult("siamese", model, {"top1_retrieval": top1, "random_top1": random_top1}, fit.curves)
+    model = MetaModel(_model_config(params, "siamese", data, k=cfg.k, task_ids=ids, rerank=cfg.rerank),
+                      module=index.eval())
+    metrics = {"top1_retrieval": top1, "random_top1": random_top1}
+    if cfg.rerank:  # what the re-ranking changes on validation (the nearest expert's zero-shot beside it)
+        index.rerank = 0
+        metrics["val_zero_shot_nearest"] = data.val.balanced_mean(val_zero_shot(model, data, params))
+        index.rerank = cfg.rerank
+    return LearnerResult("siamese", model, metrics, fit.curves)
 
 
 def train_reptile(data: MetaData, params: Params, scores: np.ndarray | None = None) -> LearnerResult:
@@ -181,25 +191,29 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     for row, name in zip(fixed, fixed_names, strict=True):
         row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
     module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names,
-                     cfg.score, model_starts=cfg.model_starts, model_ridge=cfg.model_ridge)
+                     cfg.score, model_starts=params.meta_train.model_score.starts,
+                     model_ridge=params.meta_train.model_score.ridge)
     ids = list(data.train.tasks["task_id"]) if index is not None else []
     model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
-                                    select_score=cfg.score, select_model_starts=cfg.model_starts,
-                                    select_model_ridge=cfg.model_ridge), module=module.eval())
-    # the margin in favour of the first candidate: the best on validation (ties: the earlier one)
-    zs, val = {}, {}
+                                    select_score=cfg.score), module=module.eval())
+    # the margin in favour of the first candidate: the best on validation (ties: the earlier one). The scores
+    # do not depend on the margin, so margins that pick the same starts share one evaluation.
+    _, _, err = module.choose(data.val.contexts.window(1))  # the contexts val_zero_shot scores
+    zs, val, by_picks = {}, {}, {}
     for margin in cfg.margins:
         module.set_margin(margin)
-        zs[margin] = val_zero_shot(model, data, params)
+        picks = tuple(module.pick(err).tolist())
+        if picks not in by_picks:
+            by_picks[picks] = val_zero_shot(model, data, params)
+        zs[margin] = by_picks[picks]
         val[margin] = data.val.balanced_mean(zs[margin])
     margin = max(cfg.margins, key=lambda m: val[m])
     module.set_margin(margin)
     log.info("select: margin %g kept (validation zero-shot %s)", margin,
              ", ".join(f"{m:g}: {v:.3f}" for m, v in val.items()))
-    # which learner each validation task's start comes from (the contexts val_zero_shot scores)
-    _, pick, _ = module.choose(data.val.contexts.window(1))
+    # which learner each validation task's start comes from
     labels = module.source_learners()
-    picked = [labels[i] for i in pick.tolist()]
+    picked = [labels[i] for i in module.pick(err).tolist()]
     return LearnerResult("select", model, {"margin": margin,
                                            **{f"val_picks_{name}": picked.count(name) / len(picked)
                                               for name in cfg.candidates}}, val_zero_shot=zs[margin])
