@@ -62,7 +62,24 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory):
+def prefect_api(tmp_path_factory):
+    """One Prefect server per test session (per xdist worker) on loopback, for the stage flows of bare
+    ``dvc repro`` runs (:func:`tests.helpers.stage_env`), instead of a temporary server per stage."""
+    from tests import helpers
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    proc, url = helpers.start_prefect_server(home, dict(os.environ))
+    helpers.STAGE_PREFECT_API.append(url)
+    try:
+        yield url
+    finally:
+        helpers.STAGE_PREFECT_API.clear()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, prefect_api):
     """A fresh git project of this working tree with the tiny params, after a whole `dvc repro`."""
     from tests.helpers import dvc, make_project
 

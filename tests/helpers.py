@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -56,9 +58,45 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
+STAGE_PREFECT_API: list[str] = []
+"""The URL of this test session's Prefect server (conftest's ``prefect_api``), once it runs."""
+
+
+def stage_env(project: Path) -> dict[str, str]:
+    """:func:`project_env`, plus this session's Prefect server where one runs: a bare ``dvc repro`` runs each
+    stage's flow in its own process, and without a server each one starts Prefect's temporary server
+    (~5.7 s a flow on this machine). ``metadqn pipeline`` shares one server between its stages itself, and
+    the tests of its signal handling and of ``serve`` keep their own environments."""
+    env = project_env(project)
+    if STAGE_PREFECT_API:
+        env["PREFECT_API_URL"] = STAGE_PREFECT_API[0]
+    return env
+
+
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=project_env(project), capture_output=True,
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=project, env=stage_env(project), capture_output=True,
                           text=True, timeout=600)
+
+
+def start_prefect_server(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on loopback (its state under ``home``), once its health check answers."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=home, env={**env, "PREFECT_HOME": str(home / ".prefect")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(1)
+    proc.terminate()
+    proc.wait(timeout=30)
+    raise RuntimeError("prefect server did not start in 90 s")
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from metadqn.replicates import (
     replicate_seeds,
     with_seeds,
 )
-from tests.helpers import BIN, ROOT, dvc, project_env
+from tests.helpers import BIN, ROOT, dvc, stage_env
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -75,7 +75,7 @@ def test_replicate_runs_a_clone_with_other_seeds_tracks_it_under_one_parent_and_
     project = tmp_path / "p"
     shutil.copytree(tiny_project, project, symlinks=True)
     (project / "mlflow.db").unlink(missing_ok=True)
-    env = project_env(project)
+    env = stage_env(project)  # the clone's bare `dvc repro` reports to this session's Prefect server
 
     def replicate(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "metadqn"), "replicate", "--workdir", str(tmp_path / "reps"), *args],

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.helpers import BIN, dvc, make_project, project_env
+from tests.helpers import BIN, dvc, make_project, stage_env
 
 # wall-clock times live in MLflow only, so every metrics file must match byte for byte; the report names
 # the git commit and the run's time, so it may differ
@@ -31,7 +31,7 @@ def _outs(project) -> dict[str, str]:
 def test_two_clones_under_two_cpu_settings_reproduce_the_same_outputs_and_a_third_pulls_them(tiny_project,
                                                                                               tmp_path):
     a, b = tiny_project, make_project(tmp_path / "b")
-    run = subprocess.run([str(BIN / "dvc"), "repro"], cwd=b, env={**project_env(b), **OTHER_MACHINE},
+    run = subprocess.run([str(BIN / "dvc"), "repro"], cwd=b, env={**stage_env(b), **OTHER_MACHINE},
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     outs_a, outs_b = _outs(a), _outs(b)

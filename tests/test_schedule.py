@@ -8,13 +8,12 @@ import json
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.helpers import BIN, dvc, free_port, make_project, project_env
+from tests.helpers import BIN, dvc, make_project, project_env, start_prefect_server
 
 BRANCH = "metadqn-scheduled"
 FIRST, SECOND = "2026-11-27T03:00:00Z", "2026-11-28T03:00:00Z"
@@ -111,21 +110,8 @@ def test_an_unchanged_pipeline_run_is_fast_and_registers_nothing(scheduled):
 def prefect_server(scheduled):
     """`prefect server start` on loopback, as the README runs it (the scheduler lives in the server)."""
     project = scheduled[0]
-    port = free_port()
-    env = project_env(project)
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
+    proc, url = start_prefect_server(project, project_env(project))
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("prefect server did not start in 90 s")
         yield url
     finally:
         proc.terminate()
