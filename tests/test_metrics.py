@@ -134,3 +134,20 @@ def test_task_bootstrap_gives_the_same_interval_with_equal_and_unequal_runs_per_
     # one task with a run fewer takes the per-resample path; the intervals stay close
     lo, hi = task_bootstrap_iqm_ci(values[1:], tasks[1:], 0.9, 300, 7)[1:]
     assert abs(lo - want[1]) < 0.1 and abs(hi - want[2]) < 0.1
+
+
+def test_final_return_is_paired_apart_from_the_auc():
+    """A start that leads early but ends below scratch on every (task, seed): the paired AUC difference is
+    positive and the paired final difference negative, each from its own score."""
+    rows = []
+    for t, level in enumerate((0.2, 0.5, 0.8)):
+        for seed in range(3):
+            for step in (100, 200, 300):
+                for method, v in (("scratch", level), ("reptile", level + (0.3 if step < 300 else -0.1))):
+                    rows.append({"task_id": f"t{t}", "split": "extrap", "method": method, "seed": seed,
+                                 "step": step, "return": 500 * v, "normalised_return": v})
+    scores = per_run_scores(pd.DataFrame(rows), 0.9, 300)
+    r = summarise(scores, MetaTestConfig(bootstrap_resamples=200))["extrap"]["reptile"]
+    assert r["auc_diff_vs_scratch"] > 0.1
+    assert r["final_diff_vs_scratch"] == pytest.approx(-0.1)
+    assert r["final_diff_vs_scratch_ci_high"] < 0

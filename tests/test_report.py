@@ -365,3 +365,19 @@ def test_selected_lines_say_which_choice_is_borrowed():
     lines = selected_lines({"hypernet": pick, "hypernet-oracle": {**pick, "as": "hypernet"}})
     assert lines == ["hypernet: `anchored` (anchor=kl)",
                      "hypernet-oracle: `anchored`, hypernet's choice, not searched (anchor=kl)"]
+
+
+@pytest.mark.parametrize(("low", "high", "said"), [
+    (0.01, 0.2, "final return is significantly above scratch's"),
+    (-0.2, -0.01, "final return is significantly below scratch's"),
+    (-0.1, 0.1, "final return is not significantly different from scratch's"),
+])
+def test_paired_final_verdict_and_column(low, high, said):
+    m = {**entry(0.5, 0.5, (0.1, 0.2)), "final_diff_vs_scratch": (low + high) / 2,
+         "final_diff_vs_scratch_ci_low": low, "final_diff_vs_scratch_ci_high": high}
+    metrics = {"interp": {"scratch": entry(0.0, 0.3, None), "reptile": m}}
+    line = next(x for x in verdict(metrics, threshold=0.9, confidence=0.9) if "**reptile**" in x)
+    assert said in line and "has a significantly higher AUC than scratch" in line
+    assert f"{low:+.2f}, {high:+.2f}" in line
+    header = headline_table(metrics, "interp", threshold=0.9).splitlines()[0]
+    assert "final diff vs scratch (paired)" in header

@@ -48,7 +48,7 @@ SEED_KEYS: tuple[tuple[str, ...], ...] = (
 """The params a replicate changes (each + r): every seed of training and evaluation, not the tasks'."""
 
 FIGURE_KEYS = ("zero_shot_iqm", "auc_iqm", "final_iqm", "min_curve_iqm", "auc_diff_vs_scratch",
-               "auc_diff_vs_scratch_ci_low")
+               "auc_diff_vs_scratch_ci_low", "final_diff_vs_scratch", "final_diff_vs_scratch_ci_low")
 """The per-(split, method) figures of ``reports/metrics.json`` the table follows (the headline table's)."""
 
 

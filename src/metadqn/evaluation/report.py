@@ -156,6 +156,9 @@ def headline_table(metrics: Mapping[str, Any], split: str, *, threshold: float) 
     if _has(ms, "auc_diff_vs_scratch"):
         cols.append(("AUC diff vs scratch (paired)",
                      lambda n, m: _ci(m, "auc_diff_vs_scratch", sign=True, point="")))
+    if _has(ms, "final_diff_vs_scratch"):
+        cols.append(("final diff vs scratch (paired)",
+                     lambda n, m: _ci(m, "final_diff_vs_scratch", sign=True, point="")))
     cols += [(f"steps to {pct(threshold)}", lambda n, m: _ci(m, "steps_to_threshold", 0)),
              ("censored", lambda n, m: f"{100 * m['censored_fraction']:.0f}%" if m.get("censored_fraction")
               is not None else "n/a")]
@@ -171,8 +174,8 @@ def headline_caption(metrics: Mapping[str, Any], split: str, *, confidence: floa
     if any(is_frozen(m) for m in ms):
         parts.append("`M-frozen`: M's meta-learned start evaluated with no updates (flat curve).")
     if _has(ms, "auc_diff_vs_scratch"):
-        parts.append("AUC diff vs scratch: IQM of the paired per-(task, seed) difference, method minus scratch "
-                     "(common random numbers).")
+        parts.append("AUC (final) diff vs scratch: IQM of the paired per-(task, seed) difference, method minus "
+                     "scratch (common random numbers).")
     return " ".join(parts)
 
 
@@ -244,6 +247,12 @@ def verdict(metrics: Mapping[str, Any], *, threshold: float, confidence: float,
                 auc = ("learns significantly faster (AUC)", "learns significantly slower (AUC)",
                        "is not significantly different in AUC")[_compare(m, s, "auc")]
                 auc += f" (overlap of the {conf} CIs)"
+            if "final_diff_vs_scratch" in m:
+                auc += (", and its final return is " + ("significantly above", "significantly below",
+                                                         "not significantly different from")[
+                    _sign_test(m.get("final_diff_vs_scratch_ci_low"), m.get("final_diff_vs_scratch_ci_high"))]
+                    + f" scratch's (paired difference {_ci(m, 'final_diff_vs_scratch', sign=True, point='')}, "
+                    f"{conf} CI)")
             ratio = m.get("steps_ratio_vs_scratch")
             ratio_txt = ""
             if ratio:

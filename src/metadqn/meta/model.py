@@ -126,6 +126,8 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
     from metadqn.meta.siamese import SiameseIndex
 
     family = get_family(cfg.family)
+    score = ModelScore(family, param_shapes(family.obs_dim, family.n_actions, cfg.q_hidden), cfg.model_starts,
+                       cfg.model_ridge)
     if kind == "select":
         # its parts, under the prefixes SelectQ gives them
         def part(prefix: str) -> StateDict:
@@ -135,7 +137,7 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
         return SelectQ(family, cfg.q_hidden, _build("hypernet", cfg, hyper) if hyper else None,  # type: ignore[arg-type]
                        _build("index", cfg, index) if index else None,  # type: ignore[arg-type]
                        torch.zeros_like(sd["fixed"]), cfg.k, float(sd["gamma"]), cfg.fixed_names, cfg.select_score,
-                       float(sd["margin"]) if "margin" in sd else 1.0, cfg.model_starts, cfg.model_ridge)
+                       float(sd["margin"]) if "margin" in sd else 1.0, score)
     # the action effect's buffers exist only where the encoder reads it (meta_train.action_effect)
     encoder = build_encoder("oracle" if cfg.uses_physics else cfg.encoder, family, cfg.encoder_hidden,
                             cfg.embed_dim, "encoder.effect.lo" in sd, cfg.n_physics)
@@ -145,7 +147,5 @@ def _build(kind: str, cfg: MetaModelConfig, sd: StateDict) -> nn.Module:
             net.set_gate(torch.zeros_like(sd["gate_points"]))
         return net
     n, p = sd["expert_flat"].shape
-    score = ModelScore(family, param_shapes(family.obs_dim, family.n_actions, cfg.q_hidden), cfg.model_starts,
-                       cfg.model_ridge)
     return SiameseIndex(encoder, torch.zeros(n, cfg.embed_dim), torch.zeros(n, p), cfg.task_ids, cfg.k, cfg.rerank,
                         score)

@@ -58,7 +58,9 @@ from metadqn.meta.dynamics import ModelScore
 from metadqn.meta.hypernet import HyperQ
 from metadqn.meta.siamese import SiameseIndex
 
-SCORES = ("squared", "relative", "model")
+TD_SCORES = ("squared", "relative")
+"""The scores :func:`td_errors` computes."""
+SCORES = (*TD_SCORES, "model")
 """How candidates are scored (``meta_train.select.score``): :func:`td_errors` (squared, relative) or
 :class:`~metadqn.meta.dynamics.ModelScore` (model). Lower is better for each."""
 
@@ -82,7 +84,7 @@ def td_errors(flat: Tensor, ctx: Tensor, family: Family, shapes: Sequence[tuple[
     if score == "relative":
         return squared / (q_sa**2).mean(-1).clamp(min=1e-6)
     if score != "squared":
-        raise ValueError(f"unknown TD score {score!r} (one of: squared, relative)")
+        raise ValueError(f"unknown TD score {score!r} (one of: {', '.join(TD_SCORES)})")
     return squared
 
 
@@ -95,7 +97,7 @@ class SelectQ(nn.Module):
 
     def __init__(self, family: Family, q_hidden: Sequence[int], hypernet: HyperQ | None, index: SiameseIndex | None,
                  fixed: Tensor, k: int, gamma: float, fixed_names: Sequence[str] = (), score: str = "squared",
-                 margin: float = 1.0, model_starts: int = 8, model_ridge: float = 1e-3):
+                 margin: float = 1.0, model_score: ModelScore | None = None):
         super().__init__()
         if score not in SCORES:
             raise ValueError(f"unknown select score {score!r} (one of: {', '.join(SCORES)})")
@@ -107,8 +109,9 @@ class SelectQ(nn.Module):
         """The learner each fixed network comes from (e.g. multitask), in row order."""
         self.family = family
         self.shapes = param_shapes(family.obs_dim, family.n_actions, q_hidden)
-        self.model_score = ModelScore(family, self.shapes, model_starts, model_ridge)
-        """The ``model`` score with its start states and ridge (``meta_train.model_score``)."""
+        self.model_score = model_score or ModelScore(family, self.shapes)
+        """The ``model`` score with its start states and ridge (``meta_train.model_score``; the one object
+        siamese's re-ranking uses too)."""
         self.hypernet = hypernet
         self.index = index
         self.k = k

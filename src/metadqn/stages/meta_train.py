@@ -31,10 +31,12 @@ from metadqn.data.io import atomic_path, require_finite, write_json
 from metadqn.data.normalise import ReturnScale
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, n_params, param_shapes
+from metadqn.envs.families import Family
 from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.learners import get_learner
 from metadqn.meta.context import build_encoder
 from metadqn.meta.dataset import MetaData, greedy_returns, load_meta_data
+from metadqn.meta.dynamics import ModelScore
 from metadqn.meta.model import MetaModel, MetaModelConfig
 from metadqn.seeding import Salt, derive_seed
 
@@ -121,8 +123,16 @@ def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool, tea
                                        **fit.gate}, fit.curves)
 
 
-def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
+def model_score(params: Params, family: Family) -> ModelScore:
+    """The model score of ``meta_train.model_score`` (select's and siamese's re-ranking's)."""
     from metadqn.meta.dynamics import ModelScore
+
+    ms = params.meta_train.model_score
+    shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
+    return ModelScore(family, shapes, ms.starts, ms.ridge)
+
+
+def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
     from metadqn.meta.siamese import SiameseIndex, fit_siamese, index_embeddings, top1_agreement
 
     mt, cfg, family = params.meta_train, params.meta_train.siamese, data.family
@@ -143,9 +153,7 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
     shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
     experts = torch.stack([flatten_state_dict(sd, shapes) for sd in data.experts])
     ids = list(data.train.tasks["task_id"])
-    ms = mt.model_score
-    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k, cfg.rerank, ModelScore(family, shapes, ms.starts,
-                                                                                        ms.ridge))
+    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k, cfg.rerank, model_score(params, family))
     _, nearest = index.neighbours(data.val.contexts.first())
     top1, random_top1 = top1_agreement(nearest[:, 0].numpy(), scores[:, n_train:])
     model = MetaModel(_model_config(params, "siamese", data, k=cfg.k, task_ids=ids, rerank=cfg.rerank),
@@ -153,8 +161,10 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
     metrics = {"top1_retrieval": top1, "random_top1": random_top1}
     if cfg.rerank:  # what the re-ranking changes on validation (the nearest expert's zero-shot beside it)
         index.rerank = 0
-        metrics["val_zero_shot_nearest"] = data.val.balanced_mean(val_zero_shot(model, data, params))
-        index.rerank = cfg.rerank
+        try:
+            metrics["val_zero_shot_nearest"] = data.val.balanced_mean(val_zero_shot(model, data, params))
+        finally:
+            index.rerank = cfg.rerank
     return LearnerResult("siamese", model, metrics, fit.curves)
 
 
@@ -191,8 +201,7 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     for row, name in zip(fixed, fixed_names, strict=True):
         row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
     module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names,
-                     cfg.score, model_starts=params.meta_train.model_score.starts,
-                     model_ridge=params.meta_train.model_score.ridge)
+                     cfg.score, model_score=model_score(params, data.family))
     ids = list(data.train.tasks["task_id"]) if index is not None else []
     model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
                                     select_score=cfg.score), module=module.eval())
