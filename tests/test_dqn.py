@@ -83,6 +83,23 @@ def test_same_seed_same_numbers_and_batch_equals_slots():
     assert not torch.equal(a.final_params[0]["layers.0.weight"], c.final_params[0]["layers.0.weight"])
 
 
+def test_a_slot_does_not_depend_on_its_neighbours():
+    """Slot 0's whole run (curve and trained weights) is the same whichever network slot 1 starts from, so
+    runs of two methods on the same (task, seed), each in its own batched run, share their random draws
+    (meta-test's pairing): slot 1's other episode ends must not move slot 0's resets or anything else."""
+    cfg = TINY.model_copy(update={"total_steps": 3_000, "learning_starts": 200, "eval_interval": 1_000})
+    tasks = np.repeat(DEFAULT_TASK, 2, axis=0)
+    start = init_state_dict(4, 2, cfg.hidden_sizes, 1)
+    runs = [train_dqn(CARTPOLE, tasks, cfg, seed=7, init=[start, init_state_dict(4, 2, cfg.hidden_sizes, s)])
+            for s in (2, 3)]
+    slot0 = [r.curves[r.curves.slot == 0].reset_index(drop=True) for r in runs]
+    slot1 = [r.curves[r.curves.slot == 1].reset_index(drop=True) for r in runs]
+    assert not slot1[0].equals(slot1[1])  # the neighbours did differ
+    assert slot0[0].equals(slot0[1])
+    for key in start:
+        assert torch.equal(runs[0].final_params[0][key], runs[1].final_params[0][key])
+
+
 def test_initial_parameters_go_in_and_trained_ones_load_into_qnetwork():
     sd = init_state_dict(4, 2, [64, 64], seed=11)
     cfg = TINY.model_copy(update={"total_steps": 400, "learning_starts": 10_000})  # no gradient step

@@ -125,18 +125,23 @@ def _compare_step(ours, ref, step) -> None:
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_vector_env_matches_gymnasium_through_terminations_truncations_and_autoresets(name):
-    """Each task's vector env (one env per task, seeded as gymnasium seeds its sub-envs) against gymnasium's
-    SyncVectorEnv of the single envs, step for step over many episodes: same observations (reset ones
-    included: both draw from the same seeded stream), rewards, terminations, truncations, and NEXT_STEP
-    autoresets (reward 0, neither flag, the action ignored)."""
+    """Each task's vector env (one env per task) against gymnasium's SyncVectorEnv of the single envs, step
+    for step over many episodes: same observations, rewards, terminations, truncations, and NEXT_STEP
+    autoresets (reward 0, neither flag, the action ignored). Our envs draw each env's reset states from its
+    own stream (gymnasium's from one), so at every reset the reference env is given our new state, checked
+    to be a fresh start of gymnasium's reset distribution."""
     family = get_family(name)
     tasks = sample_tasks(family, {"train": 2, "extrap": 2}, seed=5)
     matrix = task_matrix(tasks, family)
     ref = _reference(family, tasks, LIMIT)
     vecs = [_ours(family, matrix[i:i + 1], 1, LIMIT) for i in range(len(tasks))]
-    ref_obs, _ = ref.reset(seed=11)
+    ref.reset(seed=11)
     obs = np.concatenate([v.reset(seed=11 + i)[0] for i, v in enumerate(vecs)])
-    np.testing.assert_allclose(obs, ref_obs, rtol=1e-6)
+    for i, v in enumerate(vecs):
+        state = _state_from_vector(name, v.unwrapped, 0)
+        _check_fresh_start(name, state)
+        ref.envs[i].unwrapped.state = state
+    np.testing.assert_allclose(obs, np.stack([_single_obs(name, env) for env in ref.envs]), rtol=1e-6)
     rng = np.random.default_rng(0)
     seen = {"terminated": 0, "truncated": 0, "reset after termination": 0, "reset after truncation": 0}
     prev_term = prev_trunc = np.zeros(len(tasks), dtype=bool)
@@ -144,7 +149,12 @@ def test_vector_env_matches_gymnasium_through_terminations_truncations_and_autor
         actions = rng.integers(0, family.n_actions, size=len(tasks))
         mine = [v.step(actions[i:i + 1]) for i, v in enumerate(vecs)]
         ours = tuple(np.concatenate([m[j] for m in mine]) for j in range(4))
-        theirs = ref.step(actions)[:4]
+        theirs = list(ref.step(actions)[:4])
+        for i in np.flatnonzero(prev_term | prev_trunc):  # this step reset env i, in both
+            state = _state_from_vector(name, vecs[i].unwrapped, 0)
+            _check_fresh_start(name, state)
+            ref.envs[i].unwrapped.state = state
+            theirs[0][i] = _single_obs(name, ref.envs[i])
         _compare_step(ours, theirs, step)
         assert not (ours[1][prev_term | prev_trunc]).any()  # autoreset steps pay nothing
         seen["reset after termination"] += int(prev_term.sum())
@@ -160,9 +170,40 @@ def test_vector_env_matches_gymnasium_through_terminations_truncations_and_autor
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_each_env_resets_from_its_own_stream(name):
+    """Env 0's start states, episode after episode, are the same whatever env 1 does (its episodes end at
+    other steps, under other actions and planted near-terminal states): a run's resets never depend on its
+    neighbours' (the pairing by common random numbers of meta-test's runs rests on it). With a different
+    seed they differ."""
+    family = get_family(name)
+    matrix = task_matrix(sample_tasks(family, {"train": 2}, seed=5), family)
+
+    def starts(seed: int, other_actions_seed: int) -> list[np.ndarray]:
+        vec = _ours(family, matrix, 1, LIMIT)
+        vec.reset(seed=seed)
+        out = [_state_from_vector(name, vec.unwrapped, 0).copy()]
+        mine, other = np.random.default_rng(0), np.random.default_rng(other_actions_seed)
+        done = np.zeros(2, dtype=bool)
+        for step in range(200):
+            actions = np.array([mine.integers(family.n_actions), other.integers(family.n_actions)])
+            _, _, term, trunc, _ = vec.step(actions)
+            if other_actions_seed == 2 and step % 17 == 3:  # env 1 ends early now and then (random actions
+                _set_vector_state(name, vec.unwrapped, 1, np.asarray(NEAR_END[name], dtype=np.float64))
+            if done[0]:
+                out.append(_state_from_vector(name, vec.unwrapped, 0).copy())
+            done = term | trunc
+        return out
+
+    a, b = starts(3, 1), starts(3, 2)
+    assert len(a) >= 5
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
+    assert not np.array_equal(np.stack(a), np.stack(starts(4, 1))[:len(a)])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_many_envs_per_task_reset_independently(name):
     """The layout training uses (E envs per task, task-major, one vector env): an env's episode end resets that
-    env only. Reset states come from one stream for all envs here, so at each autoreset the reference env is
+    env only. Reset states come from each env's own stream here, so at each autoreset the reference env is
     given our new state (checked to be a fresh start) and the comparison goes on from there."""
     family = get_family(name)
     tasks = sample_tasks(family, {"train": 2, "extrap": 1}, seed=5)

@@ -115,7 +115,9 @@ def _cartpole_apply(env: CartPoleEnv, task: Mapping[str, float]) -> None:
 
 def _cartpole_vector(names: Sequence[str]) -> Callable[[np.ndarray, int], gym.vector.VectorEnv]:
     def make(params: np.ndarray, n_envs: int) -> gym.vector.VectorEnv:
-        env = gym.make_vec("CartPole-v1", num_envs=n_envs, vectorization_mode="vector_entry_point")
+        from metadqn.envs.vector import CartPoleVectorEnv
+
+        env = CartPoleVectorEnv(num_envs=n_envs)  # CartPole-v1's vector entry point, independent resets
         col = {name: params[:, i] for i, name in enumerate(names)}
         # CartPoleVectorEnv types its physics as floats; per-environment arrays broadcast through its step
         inner: Any = env.unwrapped

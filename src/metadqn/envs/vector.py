@@ -1,10 +1,19 @@
-"""Numpy vector environments for families that gymnasium ships without a vector entry point.
+"""Numpy vector environments: gymnasium's ``CartPoleVectorEnv`` with independent resets, and the families
+that gymnasium ships without a vector entry point (Acrobot, MountainCar).
 
-Both follow gymnasium's ``CartPoleVectorEnv`` conventions exactly, so the trainer treats every family
-alike: per-environment physics as arrays, ``AutoresetMode.NEXT_STEP`` (the step after an episode ends
-resets that environment, ignores its action and returns reward 0), and time limits as ``truncated``.
-The dynamics are the single environments' own equations, vectorised; ``tests/test_envs.py`` checks them
-step for step against gymnasium's.
+All follow gymnasium's ``CartPoleVectorEnv`` conventions, so the trainer treats every family alike:
+per-environment physics as arrays, ``AutoresetMode.NEXT_STEP`` (the step after an episode ends resets that
+environment, ignores its action and returns reward 0), and time limits as ``truncated``. The dynamics are
+the single environments' own equations, vectorised; ``tests/test_envs.py`` checks them step for step
+against gymnasium's.
+
+One departure from gymnasium, on purpose: every environment draws its reset states from its own random
+stream (:class:`EnvStreams`). gymnasium draws the reset states of all the environments that end on a step
+from one generator, so an environment's next start state depends on which *other* environments ended on
+the same step. Our vector envs hold many independent runs (the batched trainer's slots), so with one
+generator a run's resets would depend on its neighbours' episodes, and meta-test's runs of two methods on
+the same (task, seed) would not share their resets: the pairing by common random numbers the paired
+comparisons rely on would hold for the context, exploration draws and evaluation start states only.
 """
 
 from __future__ import annotations
@@ -13,8 +22,46 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.envs.classic_control.cartpole import CartPoleVectorEnv as _GymCartPoleVectorEnv
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
+
+
+class EnvStreams:
+    """One random stream per environment for its reset states: environment i's n-th episode starts from the
+    n-th draw of stream i, whatever the other environments do. The streams are spawned from one draw of the
+    vector env's own generator at reset, so a seeded reset fixes them all."""
+
+    def __init__(self, parent: np.random.Generator, n_envs: int):
+        seq = np.random.SeedSequence(int(parent.integers(2**63)))
+        self.streams = [np.random.default_rng(child) for child in seq.spawn(n_envs)]
+
+    def uniform(self, envs: np.ndarray, low: float, high: float, size: int) -> np.ndarray:
+        """[len(envs), size]: one draw of ``size`` uniforms from each listed environment's stream."""
+        if len(envs) == 0:
+            return np.empty((0, size))
+        return np.stack([self.streams[i].uniform(low, high, size) for i in envs])
+
+
+class CartPoleVectorEnv(_GymCartPoleVectorEnv):
+    """gymnasium's ``CartPoleVectorEnv`` (its dynamics, bounds and autoreset), each environment's reset
+    states from its own stream (:class:`EnvStreams`; the module docstring says why)."""
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed, options=options)
+        self._streams = EnvStreams(self.np_random, self.num_envs)
+        state = self._streams.uniform(np.arange(self.num_envs), self.low, self.high, 4)
+        self.state = state.T  # type: ignore[assignment]  # gymnasium annotates state as None until reset
+        return state.astype(np.float32), {}
+
+    def step(self, actions: np.ndarray):
+        resetting = np.flatnonzero(self.prev_done)  # the envs this step resets (NEXT_STEP autoreset)
+        obs, reward, terminated, truncated, info = super().step(actions)
+        if resetting.size:  # replace gymnasium's shared draws by each env's own
+            assert self.state is not None
+            self.state[:, resetting] = self._streams.uniform(resetting, self.low, self.high, 4).T
+            obs = self.state.T.astype(np.float32)
+        return obs, reward, terminated, truncated, info
 
 
 class _NumpyVectorEnv(VectorEnv):
@@ -34,7 +81,8 @@ class _NumpyVectorEnv(VectorEnv):
         self.prev_done = np.zeros(n_envs, dtype=np.bool_)
         self.state: np.ndarray | None = None
 
-    def _initial_state(self, n: int) -> np.ndarray:
+    def _initial_state(self, envs: np.ndarray) -> np.ndarray:
+        """Start states of the listed environments, each from its own stream (``self._streams``)."""
         raise NotImplementedError
 
     def _dynamics(self, state: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,7 +94,8 @@ class _NumpyVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self.state = self._initial_state(self.num_envs)
+        self._streams = EnvStreams(self.np_random, self.num_envs)
+        self.state = self._initial_state(np.arange(self.num_envs))
         self.steps[:] = 0
         self.prev_done[:] = False
         return self._obs(), {}
@@ -59,7 +108,7 @@ class _NumpyVectorEnv(VectorEnv):
         truncated = self.steps >= self.max_episode_steps
         done = self.prev_done
         if done.any():
-            state[done] = self._initial_state(int(done.sum()))
+            state[done] = self._initial_state(np.flatnonzero(done))
             self.steps[done] = 0
             reward[done] = 0.0
             terminated[done] = False
@@ -88,8 +137,8 @@ class AcrobotVectorEnv(_NumpyVectorEnv):
         high = np.array([1.0, 1.0, 1.0, 1.0, self.max_vel_1, self.max_vel_2], dtype=np.float32)
         self._init_common(params.shape[0], spaces.Box(-high, high, dtype=np.float32), 3)
 
-    def _initial_state(self, n: int) -> np.ndarray:
-        return self.np_random.uniform(-0.1, 0.1, size=(n, 4)).astype(np.float32).astype(np.float64)
+    def _initial_state(self, envs: np.ndarray) -> np.ndarray:
+        return self._streams.uniform(envs, -0.1, 0.1, 4).astype(np.float32).astype(np.float64)
 
     def _dsdt(self, s: np.ndarray, a: np.ndarray) -> np.ndarray:
         m1, m2, l1, i1 = self.m1, self.m2, self.l1, self.moi
@@ -157,8 +206,8 @@ class MountainCarVectorEnv(_NumpyVectorEnv):
         high = np.array([self.max_position, self.max_speed], dtype=np.float32)
         self._init_common(params.shape[0], spaces.Box(low, high, dtype=np.float32), 3)
 
-    def _initial_state(self, n: int) -> np.ndarray:
-        return np.stack([self.np_random.uniform(-0.6, -0.4, size=n), np.zeros(n)], axis=1)
+    def _initial_state(self, envs: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._streams.uniform(envs, -0.6, -0.4, 1), np.zeros((len(envs), 1))], axis=1)
 
     def _dynamics(self, state, action):
         position, velocity = state[:, 0].copy(), state[:, 1].copy()
