@@ -502,6 +502,10 @@ class SearchConfig(_Section):
     """Named fine-tuning configurations tried for every meta-learned method; the one with the highest
     validation AUC IQM is selected (ties: the first listed). Scratch is never searched: it keeps the dqn
     section, which is tuned for learning from scratch."""
+    guard_final: bool = True
+    """Do no harm at the end of the budget: a candidate whose final return on the validation tasks is
+    significantly below scratch's (paired per (task, seed), the CI at meta_test.confidence entirely below 0)
+    is not selected, whatever its AUC (:mod:`metadqn.evaluation.search`). false: the AUC score alone."""
 
 
 class MetaTestConfig(_Section):

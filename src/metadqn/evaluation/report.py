@@ -317,9 +317,10 @@ def search_table(search: pd.DataFrame) -> str:
     # with out-of-range validation tasks, the per-split AUCs and the score that chose (their mean)
     split_cols = [("auc_iqm_val", "AUC in range"), ("auc_iqm_val_extrap", "AUC out of range"),
                   ("selection_score", "score")] if "auc_iqm_val_extrap" in search.columns else []
+    guard = [("final_diff", "final vs scratch (paired)")] if "final_diff_vs_scratch" in search.columns else []
     rows = ["| method | candidate | runs | zero-shot | AUC | final | min curve | "
-            + "".join(f"{label} | " for _, label in split_cols) + "selected |",
-            "|---|---|---|---|---|---|---|---|" + "---|" * len(split_cols)]
+            + "".join(f"{label} | " for _, label in guard + split_cols) + "selected |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(guard + split_cols)]
     order = {m: i for i, m in enumerate(ordered_methods(search["method"].astype(str)))}
     frame = search.assign(_order=search["method"].astype(str).map(order)).sort_values("_order", kind="stable")
     for row in frame.to_dict("records"):
@@ -329,9 +330,20 @@ def search_table(search: pd.DataFrame) -> str:
         rows.append(f"| {row['method']} | {f'**{cand}**' if chosen else cand} | "
                     f"{int(runs) if runs is not None and not pd.isna(runs) else 'n/a'} | "
                     f"{cell(row, 'zero_shot_iqm')} | {ci(row, 'auc')} | {ci(row, 'final')} | "
-                    f"{cell(row, 'min_curve_iqm')} | " + "".join(f"{cell(row, k)} | " for k, _ in split_cols)
+                    f"{cell(row, 'min_curve_iqm')} | " + "".join(f"{_diff(row)} | " for _ in guard)
+                    + "".join(f"{cell(row, k)} | " for k, _ in split_cols)
                     + f"{'**yes**' if chosen else ''} |")
     return "\n".join(rows)
+
+
+def _diff(row: Mapping[str, Any]) -> str:
+    """The paired final difference with scratch and its CI; "(not eligible)" where the guard dropped it."""
+    v = row.get("final_diff_vs_scratch")
+    if v is None or pd.isna(v):
+        return ""
+    txt = (f"{_fmt(float(v), sign=True)} [{_fmt(float(row['final_diff_ci_low']), sign=True)}, "
+           f"{_fmt(float(row['final_diff_ci_high']), sign=True)}]")
+    return txt if _truthy(row.get("eligible", True)) else txt + " (not eligible)"
 
 
 def _truthy(v: Any) -> bool:
@@ -343,7 +355,9 @@ def _truthy(v: Any) -> bool:
 def search_text(confidence: float) -> str:
     return ("Fine-tuning configurations were chosen on validation tasks only (the interpolation and "
             "extrapolation test tasks played no part), per method by AUC IQM (with out-of-range validation "
-            "tasks: by the mean of the in-range and out-of-range AUC IQMs, the score column); the selected "
+            "tasks: by the mean of the in-range and out-of-range AUC IQMs, the score column), among the "
+            "candidates whose final return is not significantly below scratch's (paired per task and seed; "
+            "`meta_test.search.guard_final`, marked \"not eligible\" otherwise); the selected "
             f"candidate is in bold. Intervals: {pct(confidence)} bootstrap CIs that resample validation tasks. "
             "scratch keeps the `dqn` section's configuration (tuned for learning from scratch) and appears as the "
             "reference row.")

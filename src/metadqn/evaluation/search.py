@@ -7,11 +7,19 @@ size, same budget T, same evaluation), so the choice is made on the quantity tha
 the candidate with the highest selection score wins (ties: the first listed): the AUC IQM on the validation
 tasks, or, when there are out-of-range validation tasks (``collect.n_val_extrap_tasks``), the mean of the
 AUC IQMs of the two validation splits, so that what works out of range counts as much as what works in
-range (a pooled IQM would trim the few out-of-range tasks away as outliers). Scratch is not searched: it keeps the
-dqn section, which is tuned for learning from scratch; it runs once as a reference row (the bar a start
-must clear on the same tasks). A variant that borrows another method's configuration
-(``Learner.finetunes_as``: hypernet-oracle the hypernet's; ``select`` its first candidate's, see
-:func:`borrowed`) is not searched; the selection file gives it the borrowed choice, marked ``"as": <method>``.
+range (a pooled IQM would trim the few out-of-range tasks away as outliers). With
+``meta_test.search.guard_final`` (the default), a candidate whose final return on the validation tasks is
+significantly below scratch's reference runs, paired per (task, seed) (the task-bootstrap CI of the IQM of
+the differences, at ``meta_test.confidence``, entirely below 0), is not eligible, whatever its AUC: a start
+that speeds up the beginning but leaves the network worse at the end of the budget (the multitask network
+of replicate 1 at ``c241054``: validation AUC 0.32 against scratch's 0.28, final 0.20 against 0.56) is
+discarded for ``fresh``. If no candidate of a method is eligible, the AUC score alone decides.
+
+Scratch is not searched: it keeps the dqn section, which is tuned for learning from scratch; it runs once
+as a reference row (the bar a start must clear on the same tasks). A variant that borrows another method's
+configuration (``Learner.finetunes_as``: hypernet-oracle the hypernet's; ``select`` its first candidate's,
+see :func:`borrowed`) is not searched; the selection file gives it the borrowed choice, marked
+``"as": <method>``.
 
 Held-out test tasks are never read: the search gets a :class:`TaskStore` that opens only the train and
 validation splits (a read of a test task raises ``LeakageError``), and its contexts come from
@@ -215,15 +223,21 @@ def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], 
 
 
 SUMMARY_COLUMNS = ["method", "candidate", "runs", "zero_shot_iqm", "auc_iqm", "auc_ci_low", "auc_ci_high",
-                   "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "auc_iqm_val", "auc_iqm_val_extrap",
+                   "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "final_diff_vs_scratch",
+                   "final_diff_ci_low", "final_diff_ci_high", "eligible", "auc_iqm_val", "auc_iqm_val_extrap",
                    "selection_score", "selected"]
 """The per-split AUC IQMs are there when the split has tasks; ``selection_score`` is their mean (each
-validation split weighs the same, whatever its task count), the AUC IQM itself when there is one split."""
+validation split weighs the same, whatever its task count), the AUC IQM itself when there is one split.
+``final_diff_*``: the IQM of the paired per-(task, seed) final-return difference with scratch's reference
+runs and its task-bootstrap CI; ``eligible``: not significantly below scratch at the end (see the module
+docstring; always true with ``guard_final`` off and for the scratch row)."""
 
 
 def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params) -> pd.DataFrame:
     mt = params.meta_test
     order = [*mt.search.candidates, SCRATCH_REFERENCE]
+    run_key = ["task_id", "seed"]
+    reference = scores[scores["method"] == "scratch"].set_index(run_key)["final"]
     rows = []
     for (method, cand), g in scores.groupby(["method", "candidate"], sort=False):
         row: dict[str, Any] = {"method": method, "candidate": cand, "runs": len(g)}
@@ -233,6 +247,16 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
             row.update({f"{key}_iqm": point, f"{key}_ci_low": lo, f"{key}_ci_high": hi})
         mc = curves[(curves["method"] == method) & (curves["candidate"] == cand)]
         row["min_curve_iqm"] = min_curve_iqm(mc)
+        row["eligible"] = True
+        if method != "scratch" and len(reference):
+            runs = g.set_index(run_key)["final"]
+            if not runs.index.isin(reference.index).all():
+                raise ValueError(f"{method}/{cand} has runs that scratch's reference lacks; cannot pair them")
+            point, lo, hi = task_bootstrap_iqm_ci((runs - reference.loc[runs.index]).to_numpy(float),
+                                                  runs.index.get_level_values(0).to_numpy(), mt.confidence,
+                                                  mt.bootstrap_resamples, mt.search.seed)
+            row.update({"final_diff_vs_scratch": point, "final_diff_ci_low": lo, "final_diff_ci_high": hi,
+                        "eligible": not (mt.search.guard_final and hi < 0)})
         per_split = {f"auc_iqm_{s}": float(iqm(g.loc[g["split"] == s, "auc"].to_numpy(float)))
                      for s in dict.fromkeys(g["split"])}
         row.update(per_split)
@@ -242,8 +266,10 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
     out["order"] = out["candidate"].map(order.index)
     out = out.sort_values(["method", "order"], key=lambda c: c.map(_method_rank) if c.name == "method" else c,
                           kind="stable").drop(columns="order").reset_index(drop=True)
-    best = out.groupby("method", sort=False)["selection_score"].transform("max")
-    top = out["selection_score"] == best
+    # the eligible candidates compete; a method none of whose candidates is eligible falls back on all
+    pool = out["eligible"].astype(bool) | ~out["eligible"].astype(bool).groupby(out["method"]).transform("any")
+    best = out["selection_score"].where(pool).groupby(out["method"], sort=False).transform("max")
+    top = pool & (out["selection_score"] == best)
     first = top & ~top.groupby(out["method"]).cumsum().gt(1)
     out["selected"] = first & (out["method"] != "scratch")
     out = out[[c for c in SUMMARY_COLUMNS if c in out.columns]]
