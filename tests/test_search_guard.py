@@ -56,6 +56,9 @@ def test_a_faster_start_that_ends_significantly_below_scratch_is_not_selected():
     # a start that is not significantly worse at the end keeps its AUC win
     assert out.loc[("hypernet", "keep"), "eligible"] and out.loc[("hypernet", "keep"), "selected"]
     assert out.loc[("reptile", "fresh"), "final_diff_vs_scratch"] == 0.0
+    # the stage refuses non-finite outputs: the scratch reference row has its (zero) difference too
+    assert out.loc[("scratch", SCRATCH_REFERENCE), "final_diff_vs_scratch"] == 0.0
+    assert np.isfinite(out.select_dtypes("number").to_numpy(float)).all()
 
 
 def test_without_the_guard_the_auc_alone_decides():

@@ -247,7 +247,9 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
             row.update({f"{key}_iqm": point, f"{key}_ci_low": lo, f"{key}_ci_high": hi})
         mc = curves[(curves["method"] == method) & (curves["candidate"] == cand)]
         row["min_curve_iqm"] = min_curve_iqm(mc)
-        row["eligible"] = True
+        # the reference row against itself: no difference (every column stays finite for require_finite)
+        row.update({"final_diff_vs_scratch": 0.0, "final_diff_ci_low": 0.0, "final_diff_ci_high": 0.0,
+                    "eligible": True})
         if method != "scratch" and len(reference):
             runs = g.set_index(run_key)["final"]
             if not runs.index.isin(reference.index).all():
