@@ -50,7 +50,7 @@ def _search(guard: bool) -> pd.DataFrame:
 def test_a_faster_start_that_ends_significantly_below_scratch_is_not_selected():
     out = _search(guard=True)
     assert out.loc[("reptile", "keep"), "final_diff_vs_scratch"] == pytest.approx(-0.42, abs=0.03)
-    assert out.loc[("reptile", "keep"), "final_diff_ci_high"] < 0
+    assert out.loc[("reptile", "keep"), "final_diff_vs_scratch_ci_high"] < 0
     assert not out.loc[("reptile", "keep"), "eligible"]
     assert out.loc[("reptile", "fresh"), "selected"] and not out.loc[("reptile", "keep"), "selected"]
     # a start that is not significantly worse at the end keeps its AUC win

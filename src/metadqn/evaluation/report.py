@@ -341,8 +341,7 @@ def _diff(row: Mapping[str, Any]) -> str:
     v = row.get("final_diff_vs_scratch")
     if v is None or pd.isna(v):
         return ""
-    txt = (f"{_fmt(float(v), sign=True)} [{_fmt(float(row['final_diff_ci_low']), sign=True)}, "
-           f"{_fmt(float(row['final_diff_ci_high']), sign=True)}]")
+    txt = _ci(row, "final_diff_vs_scratch", sign=True, point="")
     return txt if _truthy(row.get("eligible", True)) else txt + " (not eligible)"
 
 

@@ -224,13 +224,14 @@ def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], 
 
 SUMMARY_COLUMNS = ["method", "candidate", "runs", "zero_shot_iqm", "auc_iqm", "auc_ci_low", "auc_ci_high",
                    "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "final_diff_vs_scratch",
-                   "final_diff_ci_low", "final_diff_ci_high", "eligible", "auc_iqm_val", "auc_iqm_val_extrap",
-                   "selection_score", "selected"]
+                   "final_diff_vs_scratch_ci_low", "final_diff_vs_scratch_ci_high", "eligible", "auc_iqm_val",
+                   "auc_iqm_val_extrap", "selection_score", "selected"]
 """The per-split AUC IQMs are there when the split has tasks; ``selection_score`` is their mean (each
 validation split weighs the same, whatever its task count), the AUC IQM itself when there is one split.
-``final_diff_*``: the IQM of the paired per-(task, seed) final-return difference with scratch's reference
-runs and its task-bootstrap CI; ``eligible``: not significantly below scratch at the end (see the module
-docstring; always true with ``guard_final`` off and for the scratch row)."""
+``final_diff_vs_scratch`` with ``_ci_low`` / ``_ci_high`` (metrics.json's names): the IQM of the paired
+per-(task, seed) final-return difference with scratch's reference runs and its task-bootstrap CI;
+``eligible``: not significantly below scratch at the end (see the module docstring; always true with
+``guard_final`` off and for the scratch row)."""
 
 
 def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params) -> pd.DataFrame:
@@ -248,8 +249,8 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
         mc = curves[(curves["method"] == method) & (curves["candidate"] == cand)]
         row["min_curve_iqm"] = min_curve_iqm(mc)
         # the reference row against itself: no difference (every column stays finite for require_finite)
-        row.update({"final_diff_vs_scratch": 0.0, "final_diff_ci_low": 0.0, "final_diff_ci_high": 0.0,
-                    "eligible": True})
+        row.update({"final_diff_vs_scratch": 0.0, "final_diff_vs_scratch_ci_low": 0.0,
+                    "final_diff_vs_scratch_ci_high": 0.0, "eligible": True})
         if method != "scratch" and len(reference):
             runs = g.set_index(run_key)["final"]
             if not runs.index.isin(reference.index).all():
@@ -257,8 +258,8 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
             point, lo, hi = task_bootstrap_iqm_ci((runs - reference.loc[runs.index]).to_numpy(float),
                                                   runs.index.get_level_values(0).to_numpy(), mt.confidence,
                                                   mt.bootstrap_resamples, mt.search.seed)
-            row.update({"final_diff_vs_scratch": point, "final_diff_ci_low": lo, "final_diff_ci_high": hi,
-                        "eligible": not (mt.search.guard_final and hi < 0)})
+            row.update({"final_diff_vs_scratch": point, "final_diff_vs_scratch_ci_low": lo,
+                        "final_diff_vs_scratch_ci_high": hi, "eligible": not (mt.search.guard_final and hi < 0)})
         per_split = {f"auc_iqm_{s}": float(iqm(g.loc[g["split"] == s, "auc"].to_numpy(float)))
                      for s in dict.fromkeys(g["split"])}
         row.update(per_split)
