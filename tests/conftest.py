@@ -26,6 +26,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The files that hold end-to-end (``slow``) tests run first. ``--dist loadfile`` hands whole files to the
+    two workers in collection order, so a long file collected late (test_schedule, test_replicates) ran on
+    one worker while the other had nothing left; started first, they overlap with each other and the short
+    files fill in around them. The order within a file is kept (the sort is stable)."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)
+
+
 @pytest.fixture
 def tiny_params():
     from metadqn.config import load_params

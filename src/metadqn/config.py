@@ -476,6 +476,13 @@ class FinetuneConfig(_Section):
     shrink: float = Field(1.0, ge=0, le=1)
     """Shrink-and-perturb (Ash & Adams 2020): start from shrink x start + (1 - shrink) x a fresh network;
     1 keeps the start, 0 is scratch. For starts that learn slower than a fresh network."""
+    start_check: float | None = Field(None, gt=0, le=1)
+    """(e) Keep the start only where it looks good on the task itself: where its greedy policy, simulated in
+    the linear model of the task's dynamics fitted to the context (the model score, meta_train.model_score),
+    gets at least this fraction of the best return of that model (CartPole: lasts this fraction of the
+    episode limit). Elsewhere the start is discarded and the run is scratch's on the same slot (a fresh
+    network with the dqn section), so a start that is wrong about a task cannot hold fine-tuning below
+    scratch. It costs no environment step (the context is every method's anyway). null: always kept."""
 
     @field_validator("dqn")
     @classmethod
@@ -538,6 +545,14 @@ class MetaTestConfig(_Section):
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:
         return _check_names(v, METHODS, "method")
+
+    @model_validator(mode="after")
+    def _fallback_needs_scratch(self) -> MetaTestConfig:
+        checked = [name for name, ft in self.search.candidates.items() if ft.start_check is not None]
+        if checked and "scratch" not in self.methods:
+            raise ValueError(f"search candidate {checked[0]!r} has a start_check, whose fallback is scratch's run: "
+                             "add scratch to methods (or drop the start_check)")
+        return self
 
     def dqn(self, base: DQNConfig, context_steps: int, finetune: FinetuneConfig | None = None) -> DQNConfig:
         """A fine-tuning run's DQN config: ``base`` with the candidate's overrides, and the budget (T minus the

@@ -7,7 +7,8 @@ protected_fraction and shrink; everything else (the dqn overrides, lr warm-up, t
 temperature and decay, the protected partition's size) changes the optimisation itself and must be the
 same for every slot of a run. A slot without an anchor is a slot with anchor weight 0, a slot without
 protected replay one with protected fraction 0. Slot k's updates are exactly those of a lone run with its
-own levers, since every loss term is per slot.
+own levers, since every loss term is per slot. The start check (``start_check``) is no lever of the trainer:
+the protocol applies it before and after a run (:func:`metadqn.evaluation.protocol.failed_start_check`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def shared_part(ft: FinetuneConfig) -> FinetuneConfig:
     of its anchor and protected partition (checked separately among the slots that use them), neutral."""
     return ft.model_copy(update={"start_epsilon": None, "anchor_weight": 0.0, "anchor_floor": 0.0,
                                  "protected_fraction": 0.0, "shrink": 1.0, "anchor": "none",
-                                 "anchor_temperature": 0.01, "anchor_decay_steps": 0, "protected_steps": 0})
+                                 "anchor_temperature": 0.01, "anchor_decay_steps": 0, "protected_steps": 0,
+                                 "start_check": None})
 
 
 def _has_anchor(ft: FinetuneConfig) -> bool:

@@ -57,7 +57,7 @@ import torch
 
 from metadqn.config import FROZEN_SUFFIX, DQNConfig, FinetuneConfig, Params
 from metadqn.data.store import TaskStore
-from metadqn.dqn.qnetwork import StateDict
+from metadqn.dqn.qnetwork import StateDict, flatten_state_dict, param_shapes
 from metadqn.dqn.rollout import collect_transitions
 from metadqn.dqn.trainer import start_returns, train_dqn
 from metadqn.envs.families import Family
@@ -65,6 +65,7 @@ from metadqn.envs.sampling import task_matrix
 from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.learners import SCRATCH
 from metadqn.meta.context import features_from_arrays, oracle_features
+from metadqn.meta.dynamics import ModelScore
 from metadqn.meta.model import MetaModel
 from metadqn.progress import Progress
 from metadqn.seeding import derive_seed
@@ -101,6 +102,9 @@ class ProtocolGroup:
     """Slot k's method, when a group mixes methods (the search); empty: every slot is ``method``."""
     candidates: list[str] = field(default_factory=list)
     """Slot k's configuration, when a group mixes them (the search); empty: every slot is ``candidate``."""
+    fallback: list[bool] = field(default_factory=list)
+    """Slot k's start failed its configuration's start check (:func:`failed_start_check`): the slot's
+    reported run is scratch's on the same slot, not its own; empty: no slot fell back."""
 
     @property
     def cost(self) -> float:
@@ -136,7 +140,8 @@ class GroupRun:
 @dataclass
 class ProtocolResult:
     runs: pd.DataFrame
-    """One row per (task, method, seed) slot: task_id, split, method, seed."""
+    """One row per (task, method, seed) slot: task_id, split, method, seed, fallback (its start failed the
+    start check and its run is scratch's)."""
     curves: pd.DataFrame
     """task_id, split, method, seed, step, return, normalised_return."""
     final_params: list[StateDict]
@@ -203,6 +208,27 @@ def reuses_scratch(ft: FinetuneConfig) -> bool:
     return ft == FRESH
 
 
+def failed_start_check(params: Params, init: Sequence[StateDict | None], prefill: Sequence[dict[str, np.ndarray]],
+                       thresholds: Sequence[float | None]) -> list[bool]:
+    """Slot k's start fails the start check (``FinetuneConfig.start_check``) when its model fraction
+    (:meth:`~metadqn.meta.dynamics.ModelScore.fraction`, from slot k's own context ``prefill[k]``) is below
+    ``thresholds[k]``; a slot without a threshold or without a start (scratch) never fails."""
+    family = params.family.family()
+    checked = [k for k, (sd, q) in enumerate(zip(init, thresholds, strict=True)) if q is not None and sd is not None]
+    out = [False] * len(init)
+    if not checked:
+        return out
+    shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
+    ms = params.meta_train.model_score
+    score = ModelScore(family, shapes, ms.starts, ms.ridge)
+    feats = torch.as_tensor(np.stack([features_from_arrays(prefill[k], family) for k in checked]))
+    flat = torch.stack([flatten_state_dict(init[k], shapes) for k in checked]).unsqueeze(1)  # type: ignore[arg-type]
+    frac = score.fraction(flat, feats)[:, 0].numpy()
+    for k, f in zip(checked, frac, strict=True):
+        out[k] = bool(f < float(thresholds[k]))  # type: ignore[arg-type]
+    return out
+
+
 Choice = tuple[str, FinetuneConfig]
 """A fine-tuning configuration: its name and its levers."""
 SCRATCH_CHOICE: Choice = ("dqn", FinetuneConfig())
@@ -254,9 +280,13 @@ def plan_groups(params: Params, tests: pd.DataFrame, models: Path,
             log.warning("meta-test: the fine-tuning selection has no configuration for %s; it fine-tunes with the "
                         "dqn section (rerun `dvc repro finetune_search`)", m)
         name, ft = SCRATCH_CHOICE if m == "scratch" else (choices or {}).get(m, SCRATCH_CHOICE)
+        fallback = failed_start_check(params, init[m], prefill, [ft.start_check] * len(task_ids)) \
+            if ft.start_check is not None else []
+        if any(fallback) and SCRATCH not in methods:  # config validation requires scratch with a start check
+            raise RuntimeError(f"{m}: a start check fell back, but scratch is not in meta_test.methods")
         groups.append(ProtocolGroup(method=m, task_ids=task_ids, seeds=seeds, tasks=matrix[rows], init=init[m],
                                     prefill=prefill, seed=seed, cfg=finetune_config(params, ft), finetune=ft,
-                                    candidate=name))
+                                    candidate=name, fallback=fallback))
     return groups
 
 
@@ -295,7 +325,23 @@ def _train_groups(family: Family, groups: list[ProtocolGroup], map_groups: Group
         log.info("meta-test: %s fine-tunes with %s, so scratch's runs stand for its own", g.method, g.candidate)
         by_index[i] = GroupRun(g.method, own.curves, own.final_params,
                                start_returns(family, g.tasks, g.cfg, g.seed, g.init))
+    for i, g in enumerate(groups):
+        if any(g.fallback):
+            log.info("meta-test: %s's start failed its start check on %d of %d runs; scratch's runs stand for "
+                     "those", g.method, sum(g.fallback), len(g.fallback))
+            by_index[i] = splice_scratch(by_index[i], by_index[scratch[0]], g.fallback)
     return [by_index[i] for i in range(len(groups))]
+
+
+def splice_scratch(own: GroupRun, scratch: GroupRun, fallback: Sequence[bool]) -> GroupRun:
+    """``own`` with scratch's curve and final network in the slots where ``fallback`` is set (both groups
+    have the same slots); its start's evaluation (the frozen control) stays its own."""
+    fell = np.flatnonzero(np.asarray(fallback, dtype=bool))
+    curves = pd.concat([own.curves[~own.curves["slot"].isin(fell)], scratch.curves[scratch.curves["slot"].isin(fell)]],
+                       ignore_index=True).sort_values(["step", "slot"], kind="stable").reset_index(drop=True)
+    final = [scratch.final_params[k] if fb else sd for k, (sd, fb) in enumerate(zip(own.final_params, fallback,
+                                                                                    strict=True))]
+    return GroupRun(own.method, curves, final, own.start_return, own.wall_s)
 
 
 def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: GroupMapper = run_in_process,
@@ -319,15 +365,18 @@ def run_protocol(params: Params, store: TaskStore, models: Path, map_groups: Gro
     curves: list[pd.DataFrame] = []
     final_params: list[StateDict] = []
 
-    def add(method: str, group: ProtocolGroup, curve: pd.DataFrame, params_: list[StateDict]) -> None:
+    def add(method: str, group: ProtocolGroup, curve: pd.DataFrame, params_: list[StateDict],
+            fallback: Sequence[bool] = ()) -> None:
         offset = len(runs)
-        runs.extend({"slot": offset + k, "task_id": tid, "split": split[tid], "method": method, "seed": s}
-                    for k, (tid, s) in enumerate(zip(group.task_ids, group.seeds, strict=True)))
+        fell = list(fallback) or [False] * len(group.task_ids)
+        runs.extend({"slot": offset + k, "task_id": tid, "split": split[tid], "method": method, "seed": s,
+                     "fallback": fb}
+                    for k, (tid, s, fb) in enumerate(zip(group.task_ids, group.seeds, fell, strict=True)))
         curves.append(curve.assign(slot=curve["slot"] + offset))
         final_params.extend(params_)
 
     for group, res in zip(groups, results, strict=True):
-        add(group.method, group, res.curves, res.final_params)
+        add(group.method, group, res.curves, res.final_params, group.fallback)
         if mt.frozen_controls and group.method != "scratch":
             starts = [sd for sd in group.init if sd is not None]  # meta-learned starts are never None
             add(group.method + FROZEN_SUFFIX, group, frozen_curves(res.curves, res.start_return), starts)

@@ -318,6 +318,9 @@ def search_table(search: pd.DataFrame) -> str:
     split_cols = [("auc_iqm_val", "AUC in range"), ("auc_iqm_val_extrap", "AUC out of range"),
                   ("selection_score", "score")] if "auc_iqm_val_extrap" in search.columns else []
     guard = [("final_diff", "final vs scratch (paired)")] if "final_diff_vs_scratch" in search.columns else []
+    # the share of runs whose start failed the start check (scratch's runs stand for them)
+    split_cols = ([("fallback_share", "start check failed")] if "fallback_share" in search.columns else []) \
+        + split_cols
     rows = ["| method | candidate | runs | zero-shot | AUC | final | min curve | "
             + "".join(f"{label} | " for _, label in guard + split_cols) + "selected |",
             "|---|---|---|---|---|---|---|---|" + "---|" * len(guard + split_cols)]

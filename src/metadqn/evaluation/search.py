@@ -59,6 +59,7 @@ from metadqn.evaluation.metrics import iqm, task_bootstrap_iqm_ci
 from metadqn.evaluation.protocol import (
     Choice,
     ProtocolGroup,
+    failed_start_check,
     finetune_config,
     finetune_group,
     group_seed,
@@ -166,12 +167,17 @@ def _search_group(slots: list[tuple[str, str, int, int]], names: list[str], conf
     search, n = params.meta_test.search, len(tasks)
     task_ids = [str(tasks["task_id"].iloc[t]) for _, _, _, t in slots]
     seeds = [s for _, _, s, _ in slots]
+    starts = [init[m][s * n + t] for _, m, s, t in slots]
+    contexts = [prefill[s * n + t] for _, _, s, t in slots]
+    thresholds = [configs[c].start_check for c, *_ in slots]
     return ProtocolGroup(
         method="+".join(names), task_ids=task_ids, seeds=seeds, tasks=matrix[[t for *_, t in slots]],
-        init=[init[m][s * n + t] for _, m, s, t in slots], prefill=[prefill[s * n + t] for _, _, s, t in slots],
+        init=starts, prefill=contexts,
         seed=group_seed(search.seed, task_ids, seeds), cfg=finetune_config(params, configs[names[0]]),
         finetune=[configs[c] for c, *_ in slots], candidate="+".join(names),
-        methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots])
+        methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots],
+        fallback=failed_start_check(params, starts, contexts, thresholds) if any(
+            q is not None for q in thresholds) else [])
 
 
 def run_search(params: Params, store: TaskStore, models: Path,
@@ -198,12 +204,13 @@ def run_search(params: Params, store: TaskStore, models: Path,
     frames = []
     for group, res in zip(groups, results, strict=True):
         slots = pd.DataFrame({"slot": range(len(group.task_ids)), "task_id": group.task_ids,
-                              "method": group.methods, "seed": group.seeds, "candidate": group.candidates})
+                              "method": group.methods, "seed": group.seeds, "candidate": group.candidates,
+                              "fallback": group.fallback or [False] * len(group.task_ids)})
         curve = res.curves.merge(slots, on="slot").rename(columns={"eval_return": "return"})
         curve["step"] = curve["step"] + c
         curve["normalised_return"] = scale.column(curve["return"], curve["task_id"])
         frames.append(curve.assign(split=curve["task_id"].map(split_of)).drop(columns="slot"))
-    curves = _reuse_scratch(pd.concat(frames, ignore_index=True), mt.search.candidates,
+    curves = _reuse_scratch(_fall_back(pd.concat(frames, ignore_index=True)), mt.search.candidates,
                             searched_methods(params, models))
     scores = pd.concat([per_run_scores(g.drop(columns="candidate"), mt.threshold, mt.budget_steps)
                         .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
@@ -211,6 +218,19 @@ def run_search(params: Params, store: TaskStore, models: Path,
     summary = summarise_search(scores, curves, params)
     selected = select(summary, params, borrowed(learned_methods(params, models), params))
     return SearchResult(summary, scores, selected)
+
+
+def _fall_back(curves: pd.DataFrame) -> pd.DataFrame:
+    """Scratch's reference curve, on the same (task, seed), for every run whose start failed its candidate's
+    start check (``fallback``), as meta-test does (:func:`~metadqn.evaluation.protocol.splice_scratch`); the
+    ``fallback`` column is kept, so the table can count them."""
+    fell = curves["fallback"].astype(bool)
+    if not fell.any():
+        return curves
+    keys = curves.loc[fell, ["method", "candidate", "task_id", "seed"]].drop_duplicates()
+    ref = curves[curves["candidate"] == SCRATCH_REFERENCE].drop(columns=["method", "candidate", "fallback"])
+    spliced = keys.merge(ref, on=["task_id", "seed"]).assign(fallback=True)
+    return pd.concat([curves[~fell], spliced[curves.columns]], ignore_index=True)
 
 
 def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], methods: list[str]) -> pd.DataFrame:
@@ -224,14 +244,15 @@ def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], 
 
 SUMMARY_COLUMNS = ["method", "candidate", "runs", "zero_shot_iqm", "auc_iqm", "auc_ci_low", "auc_ci_high",
                    "final_iqm", "final_ci_low", "final_ci_high", "min_curve_iqm", "final_diff_vs_scratch",
-                   "final_diff_vs_scratch_ci_low", "final_diff_vs_scratch_ci_high", "eligible", "auc_iqm_val",
-                   "auc_iqm_val_extrap", "selection_score", "selected"]
+                   "final_diff_vs_scratch_ci_low", "final_diff_vs_scratch_ci_high", "eligible", "fallback_share",
+                   "auc_iqm_val", "auc_iqm_val_extrap", "selection_score", "selected"]
 """The per-split AUC IQMs are there when the split has tasks; ``selection_score`` is their mean (each
 validation split weighs the same, whatever its task count), the AUC IQM itself when there is one split.
 ``final_diff_vs_scratch`` with ``_ci_low`` / ``_ci_high`` (metrics.json's names): the IQM of the paired
 per-(task, seed) final-return difference with scratch's reference runs and its task-bootstrap CI;
 ``eligible``: not significantly below scratch at the end (see the module docstring; always true with
-``guard_final`` off and for the scratch row)."""
+``guard_final`` off and for the scratch row); ``fallback_share``: the share of its runs whose start failed the
+candidate's start check (their runs are scratch's reference runs)."""
 
 
 def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params) -> pd.DataFrame:
@@ -248,6 +269,8 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
             row.update({f"{key}_iqm": point, f"{key}_ci_low": lo, f"{key}_ci_high": hi})
         mc = curves[(curves["method"] == method) & (curves["candidate"] == cand)]
         row["min_curve_iqm"] = min_curve_iqm(mc)
+        row["fallback_share"] = float(mc.groupby(["task_id", "seed"])["fallback"].first().astype(bool).mean()) \
+            if "fallback" in mc.columns else 0.0
         # the reference row against itself: no difference (every column stays finite for require_finite)
         row.update({"final_diff_vs_scratch": 0.0, "final_diff_vs_scratch_ci_low": 0.0,
                     "final_diff_vs_scratch_ci_high": 0.0, "eligible": True})

@@ -134,3 +134,12 @@ class ModelScore:
 
     def __call__(self, flat: Tensor, ctx: Tensor) -> Tensor:
         return model_shortfall(flat, ctx, self.family, self.shapes, self.starts, self.ridge)
+
+    def fraction(self, flat: Tensor, ctx: Tensor) -> Tensor:
+        """[T, M]: the score as the share of the model's best return each policy gets, ``1 - shortfall /
+        (H |r|)`` (CartPole: the share of the episode limit it lasts; MountainCar and Acrobot: 1 - the share
+        of it that it needs to reach the goal), 1 at best, 0 for a policy that fails at once or never
+        arrives. An absolute verdict on one start, where the shortfall itself only ranks them."""
+        r = transitions_from_features(ctx, self.family)["reward"].mean(-1, keepdim=True)
+        best = self.family.max_episode_steps * r.abs().clamp(min=1e-6)
+        return 1.0 - self(flat, ctx) / best

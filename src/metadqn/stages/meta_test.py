@@ -55,6 +55,11 @@ def run_meta_test(params: Params, store: TaskStore, models: Path = paths.META_MO
     scores = require_finite(per_run_scores(result.curves, params.meta_test.threshold, result.budget_steps),
                             out.scores)
     metrics: dict[str, Any] = summarise(scores, params.meta_test, result.curves)
+    checked = {m for m, (_, ft) in (choices or {}).items() if ft.start_check is not None}
+    for (split, method), fell in result.runs.groupby(["split", "method"])["fallback"]:
+        if method in checked and method in metrics.get(split, {}):
+            # the share of its runs whose start failed the start check (FinetuneConfig.start_check)
+            metrics[split][method]["fallback_share"] = round(float(fell.mean()), 6)
     metrics["budget_steps"] = result.budget_steps
     metrics["context_steps"] = result.context_steps
 
