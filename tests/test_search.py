@@ -216,3 +216,29 @@ def test_a_fresh_method_in_meta_test_is_scratchs_runs_with_its_own_frozen_contro
     assert not np.array_equal(mine.start_return, own.start_return)  # its start, not scratch's fresh network
     for a, b in zip(mine.final_params, direct.final_params, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_start_check_that_fails_everywhere_makes_meta_test_report_scratchs_runs(tiny_run):
+    """With start_check 1.0 (the start must last the whole simulated episode) the tiny run's starts all fail:
+    meta-test reports scratch's curves and networks for every slot of the method, and keeps its start for the
+    frozen control; with the check off the method's own runs are reported."""
+    from metadqn.config import FinetuneConfig
+    from metadqn.evaluation import protocol
+
+    params, store, meta, _, _ = tiny_run
+    opened = TaskStore(store.tasks_path, store.trajectories, store.experts, store.collect_metrics,
+                       allowed=frozenset({"train", "val", "val_extrap", *protocol.TEST_SPLITS}))
+    family = params.family.family()
+    tests = opened.tasks_of(protocol.TEST_SPLITS)
+    checked = protocol.plan_groups(params, tests, meta.models, {"reptile": ("c", FinetuneConfig(start_check=1.0))})
+    plain = protocol.plan_groups(params, tests, meta.models, {"reptile": ("c", FinetuneConfig())})
+    methods = [g.method for g in checked]
+    i, s = methods.index("reptile"), methods.index("scratch")
+    assert checked[i].fallback and all(checked[i].fallback) and not plain[i].fallback
+    runs = protocol._train_groups(family, checked, lambda fn, gs: [fn(g) for g in gs])
+    own = protocol._train_groups(family, plain, lambda fn, gs: [fn(g) for g in gs])
+    pd.testing.assert_frame_equal(runs[i].curves, runs[s].curves)
+    assert not own[i].curves.equals(own[s].curves)  # the check is what made them equal
+    np.testing.assert_array_equal(runs[i].start_return, own[i].start_return)
+    for a, b in zip(runs[i].final_params, runs[s].final_params, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
