@@ -73,3 +73,31 @@ def test_a_dask_worker_environment_carries_the_pin():
 
     env = worker_env()
     assert {k: env[k] for k in PINNED_ENV} == PINNED_ENV
+
+
+def test_no_training_of_the_package_takes_adams_sqrt_from_mkl(monkeypatch):
+    """torch's default Adam takes the square root of its second moment from MKL's VML (tensor ``sqrt`` and
+    ``_foreach_sqrt``), whose pinned kernel starts from an approximate instruction that Intel and AMD round
+    differently: siamese's encoder came out different on the two (2026-11-29). Every Adam of the package is
+    the fused one (``make_optimizer``), which never calls them; here they raise."""
+    import numpy as np
+    import torch
+
+    from metadqn.envs import get_family
+    from metadqn.meta.context import ContextSampler, build_encoder, feature_dim
+    from metadqn.meta.siamese import fit_siamese
+
+    def vml(*args, **kwargs):
+        raise AssertionError("an Adam step took its sqrt from torch's sqrt ops (MKL VML on CPU)")
+
+    family = get_family("cartpole")
+    rng = np.random.default_rng(0)
+    sampler = ContextSampler([rng.standard_normal((40, feature_dim(family))).astype(np.float32)
+                              for _ in range(3)], 16)
+    encoder = build_encoder("deepset", family, 16, 4, False)
+    for name in ("sqrt", "_foreach_sqrt", "_foreach_sqrt_"):
+        monkeypatch.setattr(torch, name, vml, raising=False)
+    monkeypatch.setattr(torch.Tensor, "sqrt", vml)
+    monkeypatch.setattr(torch.Tensor, "sqrt_", vml)
+    fit = fit_siamese(encoder, sampler, np.eye(3, dtype=np.float32), 3, 1e-3, 0)
+    assert len(list(fit.encoder.parameters())) > 0

@@ -18,7 +18,7 @@ import torch
 
 from metadqn.dqn.qnetwork import BatchedQNetwork, StateDict, init_state_dict
 from metadqn.dqn.replay import ReplayBatch
-from metadqn.dqn.trainer import td_loss
+from metadqn.dqn.trainer import make_optimizer, td_loss
 from metadqn.seeding import Salt, derive_seed
 
 
@@ -61,7 +61,7 @@ def fit_reptile_offline(data, params) -> tuple[StateDict, list[tuple[str, int, f
     for it in range(cfg.meta_iterations):
         net.load_slots([theta] * t)
         target.load_slots([theta] * t)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.inner_learning_rate)
+        opt = make_optimizer(list(net.parameters()), cfg.inner_learning_rate)
         for _ in range(cfg.inner_steps):
             obs, actions, rewards, next_obs, terminated = data.transitions.sample(cfg.batch_size, gen)
             batch = ReplayBatch(obs, actions, rewards, next_obs, terminated, torch.ones_like(rewards))

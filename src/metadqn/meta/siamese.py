@@ -108,9 +108,15 @@ class SiameseFit:
 def fit_siamese(encoder: ContextEncoder, sampler, target: np.ndarray, iterations: int, lr: float,
                 seed: int) -> SiameseFit:
     """Regresses embedding distances of two independent context draws on ``target`` [T, T]."""
+    from metadqn.dqn.trainer import configure_torch, make_optimizer
+
+    configure_torch()  # as every other trainer (the same bytes whichever job ran in this process before)
     gen = torch.Generator().manual_seed(seed)
     goal = torch.as_tensor(target, dtype=torch.float32)
-    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    # the fused Adam, not torch's default: the default takes the sqrt of its second moment from MKL's VML,
+    # whose pinned kernel starts from the approximate rsqrtps instruction, which Intel and AMD CPUs round
+    # differently (this encoder came out different on the two, 2026-11-29); the fused kernel's sqrt is exact
+    opt = make_optimizer(list(encoder.parameters()), lr)
     curves = []
     for it in range(1, iterations + 1):
         ea, eb = encoder(sampler.sample(gen)), encoder(sampler.sample(gen))
