@@ -36,6 +36,8 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def scheduled(tmp_path_factory):
+    # (two whole tiny pipelines, in the setup of the first test that asks: that test's timeout covers them,
+    # hence the marks below; ~4.5 min alone on 2 cores, over 10 min on a machine with other work on both)
     """A tiny project on the scheduled branch with a local DVC remote, after two scheduled runs."""
     root = tmp_path_factory.mktemp("sched")
     project = make_project(root / "p")
@@ -47,6 +49,7 @@ def scheduled(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_second_scheduled_run_trains_only_the_new_tasks_and_registers_a_challenger(scheduled):
     project, _, (first, second) = scheduled
     pool = pd.read_csv(project / "data" / "task_pool.csv")
@@ -72,6 +75,7 @@ def test_second_scheduled_run_trains_only_the_new_tasks_and_registers_a_challeng
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_each_scheduled_run_is_a_commit_a_fresh_clone_reproduces(scheduled, tmp_path):
     project, remote, _ = scheduled
     log = _git(project, "log", "--format=%s", BRANCH).splitlines()
@@ -93,6 +97,7 @@ def test_each_scheduled_run_is_a_commit_a_fresh_clone_reproduces(scheduled, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_an_unchanged_pipeline_run_is_fast_and_registers_nothing(scheduled):
     project, _, _ = scheduled
     start = time.perf_counter()
@@ -119,6 +124,7 @@ def prefect_server(scheduled):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_serve_makes_a_cron_deployment_that_runs_and_stops_on_sigterm(scheduled, prefect_server):
     project, _, _ = scheduled
     env = {**project_env(project), "PREFECT_API_URL": prefect_server}
