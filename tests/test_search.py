@@ -152,9 +152,9 @@ def test_search_runs_are_capped_and_hold_each_slot_once(tiny_run, monkeypatch):
 
     params, store, meta, _, _ = tiny_run
     params = _search_params(params)
-    whole = search.plan_search(params, store, meta.models)
+    whole = search.plan_search(params, store, meta.models).groups
     monkeypatch.setattr(search, "GROUP_SLOTS", 5)
-    split = search.plan_search(params, store, meta.models)
+    split = search.plan_search(params, store, meta.models).groups
     assert len(split) > len(whole) and max(len(g.task_ids) for g in split) <= 5
 
     def slots(groups):
@@ -174,7 +174,7 @@ def test_a_fresh_candidate_is_not_trained_its_rows_are_scratchs(tiny_run):
     search = mt.search.model_validate({"seeds": 1, "candidates": {"dqn": {}, "fresh": {"shrink": 0.0},
                                                                   "half": {"shrink": 0.5}}})
     params = params.model_copy(update={"meta_test": mt.model_copy(update={"search": search})})
-    planned = {c for g in plan_search(params, store, meta.models) for c in g.candidates}
+    planned = {c for g in plan_search(params, store, meta.models).groups for c in g.candidates}
     assert planned == {"dqn", "half", SCRATCH_REFERENCE}
     result = run_search(params, store, meta.models)
     summary = result.summary
@@ -184,6 +184,30 @@ def test_a_fresh_candidate_is_not_trained_its_rows_are_scratchs(tiny_run):
     for col in ("auc_iqm", "final_iqm", "zero_shot_iqm", "min_curve_iqm", "selection_score"):
         assert (fresh[col] == ref[col]).all(), col
     assert not (summary.loc[summary["candidate"] == "half", "auc_iqm"] == ref["auc_iqm"]).all()
+
+
+def test_a_start_that_fails_its_check_is_not_trained_and_a_tie_goes_to_fresh(tiny_run):
+    """With start_check 1.0 every tiny start fails: the checked candidate's slots are not planned, its rows
+    are scratch's reference runs (fallback share 1), so it ties ``fresh``; the tie goes to ``fresh`` although
+    the checked candidate is listed first."""
+    from metadqn.evaluation.search import plan_search
+
+    params, store, meta, _, _ = tiny_run
+    mt = params.meta_test
+    search = mt.search.model_validate({"seeds": 1, "candidates": {"checked": {"start_check": 1.0, "shrink": 0.5},
+                                                                  "fresh": {"shrink": 0.0}}})
+    params = params.model_copy(update={"meta_test": mt.model_copy(update={"search": search})})
+    plan = plan_search(params, store, meta.models)
+    assert {c for g in plan.groups for c in g.candidates} == {SCRATCH_REFERENCE}
+    assert set(plan.fallen["candidate"]) == {"checked"} and len(plan.fallen) > 0
+    summary = run_search(params, store, meta.models).summary
+    ref = summary[summary["method"] == "scratch"].iloc[0]
+    checked = summary[summary["candidate"] == "checked"]
+    assert (checked["fallback_share"] == 1.0).all()
+    for col in ("auc_iqm", "final_iqm", "selection_score"):
+        assert (checked[col] == ref[col]).all(), col
+    chosen = summary[summary["selected"]]
+    assert len(chosen) == len(checked) and set(chosen["candidate"]) == {"fresh"}
 
 
 def test_a_fresh_method_in_meta_test_is_scratchs_runs_with_its_own_frozen_control(tiny_run):
@@ -235,7 +259,14 @@ def test_a_start_check_that_fails_everywhere_makes_meta_test_report_scratchs_run
     methods = [g.method for g in checked]
     i, s = methods.index("reptile"), methods.index("scratch")
     assert checked[i].fallback and all(checked[i].fallback) and not plain[i].fallback
-    runs = protocol._train_groups(family, checked, lambda fn, gs: [fn(g) for g in gs])
+    trained: list[str] = []
+
+    def mapper(fn, gs):
+        trained.extend(g.method for g in gs)
+        return [fn(g) for g in gs]
+
+    runs = protocol._train_groups(family, checked, mapper)
+    assert "reptile" not in trained and "scratch" in trained  # nothing of its own to train
     own = protocol._train_groups(family, plain, lambda fn, gs: [fn(g) for g in gs])
     pd.testing.assert_frame_equal(runs[i].curves, runs[s].curves)
     assert not own[i].curves.equals(own[s].curves)  # the check is what made them equal

@@ -65,21 +65,23 @@ def test_splice_puts_scratchs_run_in_the_failed_slots_and_keeps_the_start_for_th
 
 
 def test_the_search_scores_a_failed_start_with_scratchs_reference_run():
-    def rows(method, candidate, seed_values, fallback=False):
+    def rows(method, candidate, seed_values, tasks=(0, 1)):
         return [{"task_id": f"val-{t}", "seed": 0, "method": method, "candidate": candidate, "step": step,
-                 "return": v, "normalised_return": v, "split": "val", "fallback": fb}
-                for t, (v, fb) in enumerate(zip(seed_values, fallback or [False] * 2, strict=True))
-                for step in (64, 128)]
+                 "return": v, "normalised_return": v, "split": "val", "fallback": False}
+                for t, v in zip(tasks, seed_values, strict=True) for step in (64, 128)]
 
-    curves = pd.DataFrame(rows("scratch", SCRATCH_REFERENCE, [0.1, 0.2])
-                          + rows("hypernet", "checked", [0.9, 0.0], [False, True])
+    # the checked candidate's start failed on val-1: that slot was not trained, it has no rows of its own
+    curves = pd.DataFrame(rows("scratch", SCRATCH_REFERENCE, [0.1, 0.2]) + rows("hypernet", "checked", [0.9], (0,))
                           + rows("hypernet", "unchecked", [0.9, 0.0]))
-    out = _fall_back(curves)
+    fallen = pd.DataFrame([("hypernet", "checked", "val-1", 0)], columns=["method", "candidate", "task_id", "seed"])
+    out = _fall_back(curves, fallen)
     got = out.groupby(["candidate", "task_id"])["normalised_return"].first().to_dict()
     assert got[("checked", "val-0")] == 0.9 and got[("checked", "val-1")] == 0.2  # scratch's on val-1
     assert got[("unchecked", "val-1")] == 0.0
-    assert len(out) == len(curves) and set(out.columns) == set(curves.columns)
+    assert len(out) == len(curves) + 2 and set(out.columns) == set(curves.columns)
     assert out.loc[out["candidate"] == "checked", "method"].eq("hypernet").all()
+    assert out.loc[out["candidate"] == "checked"].groupby("task_id")["fallback"].all().to_dict() == \
+        {"val-0": False, "val-1": True}
 
 
 def test_a_start_check_needs_scratch_among_the_methods(tmp_path):

@@ -57,7 +57,7 @@ import torch
 
 from metadqn.config import FROZEN_SUFFIX, DQNConfig, FinetuneConfig, Params
 from metadqn.data.store import TaskStore
-from metadqn.dqn.qnetwork import StateDict, flatten_state_dict, param_shapes
+from metadqn.dqn.qnetwork import StateDict, flatten_state_dict
 from metadqn.dqn.rollout import collect_transitions
 from metadqn.dqn.trainer import start_returns, train_dqn
 from metadqn.envs.families import Family
@@ -208,22 +208,29 @@ def reuses_scratch(ft: FinetuneConfig) -> bool:
     return ft == FRESH
 
 
+def start_fractions(params: Params, init: Sequence[StateDict | None],
+                    prefill: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    """[K]: start k's model fraction (:meth:`~metadqn.meta.dynamics.ModelScore.fraction`) from its own context
+    ``prefill[k]``: the share of the best return its greedy policy gets in the task's model."""
+    if not init:
+        return np.zeros(0)
+    if any(sd is None for sd in init):
+        raise ValueError("a fresh network (scratch's) has no start to check")
+    family = params.family.family()
+    score = ModelScore.from_params(params, family)
+    feats = torch.as_tensor(np.stack([features_from_arrays(ctx, family) for ctx in prefill]))
+    flat = torch.stack([flatten_state_dict(sd, score.shapes) for sd in init if sd is not None]).unsqueeze(1)
+    return score.fraction(flat, feats)[:, 0].numpy()
+
+
 def failed_start_check(params: Params, init: Sequence[StateDict | None], prefill: Sequence[dict[str, np.ndarray]],
                        thresholds: Sequence[float | None]) -> list[bool]:
     """Slot k's start fails the start check (``FinetuneConfig.start_check``) when its model fraction
-    (:meth:`~metadqn.meta.dynamics.ModelScore.fraction`, from slot k's own context ``prefill[k]``) is below
-    ``thresholds[k]``; a slot without a threshold or without a start (scratch) never fails."""
-    family = params.family.family()
+    (:func:`start_fractions`) is below ``thresholds[k]``; a slot without a threshold or without a start
+    (scratch) never fails."""
     checked = [k for k, (sd, q) in enumerate(zip(init, thresholds, strict=True)) if q is not None and sd is not None]
     out = [False] * len(init)
-    if not checked:
-        return out
-    shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
-    ms = params.meta_train.model_score
-    score = ModelScore(family, shapes, ms.starts, ms.ridge)
-    feats = torch.as_tensor(np.stack([features_from_arrays(prefill[k], family) for k in checked]))
-    flat = torch.stack([flatten_state_dict(init[k], shapes) for k in checked]).unsqueeze(1)  # type: ignore[arg-type]
-    frac = score.fraction(flat, feats)[:, 0].numpy()
+    frac = start_fractions(params, [init[k] for k in checked], [prefill[k] for k in checked])
     for k, f in zip(checked, frac, strict=True):
         out[k] = bool(f < float(thresholds[k]))  # type: ignore[arg-type]
     return out
@@ -309,12 +316,16 @@ def frozen_curves(curves: pd.DataFrame, start_return: np.ndarray) -> pd.DataFram
 
 
 def _train_groups(family: Family, groups: list[ProtocolGroup], map_groups: GroupMapper) -> list[GroupRun]:
-    """Every group's run, in order. A method whose configuration is :data:`FRESH` is not trained when
-    scratch is in the protocol: its curves and final networks are scratch's (the same runs, slot for slot),
-    and only its start is evaluated, for its frozen control."""
+    """Every group's run, in order. A method whose configuration is :data:`FRESH`, or whose start failed its
+    start check on every slot, is not trained when scratch is in the protocol: its curves and final networks
+    are scratch's (the same runs, slot for slot), and only its start is evaluated, for its frozen control.
+    (A group where only some slots fall back is trained whole, its fallen slots then replaced by scratch's:
+    training fewer slots would change the random draws of the others, which common random numbers keep equal
+    to scratch's.)"""
     scratch = [i for i, g in enumerate(groups) if g.method == SCRATCH]
     reused = {i for i, g in enumerate(groups) if scratch and g.method != SCRATCH
-              and isinstance(g.finetune, FinetuneConfig) and reuses_scratch(g.finetune)}
+              and ((isinstance(g.finetune, FinetuneConfig) and reuses_scratch(g.finetune))
+                   or (g.fallback and all(g.fallback)))}
     trained = [g for i, g in enumerate(groups) if i not in reused]
     runs = map_groups(functools.partial(finetune_group, family), trained)
     if [r.method for r in runs] != [g.method for g in trained]:
@@ -322,11 +333,12 @@ def _train_groups(family: Family, groups: list[ProtocolGroup], map_groups: Group
     by_index = dict(zip([i for i in range(len(groups)) if i not in reused], runs, strict=True))
     for i in sorted(reused):
         g, own = groups[i], by_index[scratch[0]]
-        log.info("meta-test: %s fine-tunes with %s, so scratch's runs stand for its own", g.method, g.candidate)
+        why = f"fine-tunes with {g.candidate}" if not any(g.fallback) else "failed its start check on every run"
+        log.info("meta-test: %s %s, so scratch's runs stand for its own", g.method, why)
         by_index[i] = GroupRun(g.method, own.curves, own.final_params,
                                start_returns(family, g.tasks, g.cfg, g.seed, g.init))
     for i, g in enumerate(groups):
-        if any(g.fallback):
+        if any(g.fallback) and i not in reused:
             log.info("meta-test: %s's start failed its start check on %d of %d runs; scratch's runs stand for "
                      "those", g.method, sum(g.fallback), len(g.fallback))
             by_index[i] = splice_scratch(by_index[i], by_index[scratch[0]], g.fallback)

@@ -4,7 +4,7 @@ validation tasks only.
 Every candidate of ``meta_test.search.candidates`` fine-tunes every meta-learned method's start on every
 validation task for ``meta_test.search.seeds`` seeds, under the meta-test protocol itself (same context
 size, same budget T, same evaluation), so the choice is made on the quantity that is reported. Per method,
-the candidate with the highest selection score wins (ties: the first listed): the AUC IQM on the validation
+the candidate with the highest selection score wins: the AUC IQM on the validation
 tasks, or, when there are out-of-range validation tasks (``collect.n_val_extrap_tasks``), the mean of the
 AUC IQMs of the two validation splits, so that what works out of range counts as much as what works in
 range (a pooled IQM would trim the few out-of-range tasks away as outliers). With
@@ -14,6 +14,14 @@ the differences, at ``meta_test.confidence``, entirely below 0), is not eligible
 that speeds up the beginning but leaves the network worse at the end of the budget (the multitask network
 of replicate 1 at ``c241054``: validation AUC 0.32 against scratch's 0.28, final 0.20 against 0.56) is
 discarded for ``fresh``. If no candidate of a method is eligible, the AUC score alone decides.
+
+Ties go to a candidate that keeps nothing of the start (:data:`~metadqn.evaluation.protocol.FRESH`), then to
+the first listed. Why: a candidate whose start check fails on every validation run scores exactly scratch's
+runs, as ``fresh`` does, but on a test task where its check passes it keeps a start that validation never saw
+trained (multitask's ``anchored`` at ``39c3203``: its check failed on all 12 validation runs, it tied
+``fresh`` and won as the first listed; on the test tasks 2% of its starts passed the check and its
+out-of-range final IQM ended below scratch's, 0.37 against 0.39). ``fresh`` does on every task what
+validation saw.
 
 Scratch is not searched: it keeps the dqn section, which is tuned for learning from scratch; it runs once
 as a reference row (the bar a start must clear on the same tasks). A variant that borrows another method's
@@ -34,7 +42,10 @@ slots so that two workers share the work evenly. Each slot's result is still tha
 configuration; the random draws of a slot depend on its place in the run, so candidates are not compared
 under common random numbers. A candidate that keeps nothing of the start
 (:data:`~metadqn.evaluation.protocol.FRESH`, ``shrink: 0`` and no other lever) is not trained: its runs
-would be scratch's, so scratch's reference runs stand for it.
+would be scratch's, so scratch's reference runs stand for it; nor is a slot whose start fails its candidate's
+start check (``start_check``, decided from the context before any training): scratch's reference run on the
+same (task, seed) is its run, as in meta-test (with the default candidates, multitask's and reptile's starts
+fail the check on every validation task, a third of the search's slots).
 """
 
 from __future__ import annotations
@@ -59,12 +70,12 @@ from metadqn.evaluation.metrics import iqm, task_bootstrap_iqm_ci
 from metadqn.evaluation.protocol import (
     Choice,
     ProtocolGroup,
-    failed_start_check,
     finetune_config,
     finetune_group,
     group_seed,
     initial_networks,
     reuses_scratch,
+    start_fractions,
 )
 from metadqn.evaluation.summary import min_curve_iqm, per_run_scores
 from metadqn.fanout import GroupMapper, run_in_process
@@ -118,31 +129,53 @@ def searched_methods(params: Params, models: Path) -> list[str]:
     return [m for m in methods if m not in lent]
 
 
-def plan_search(params: Params, store: TaskStore, models: Path) -> list[ProtocolGroup]:
+@dataclass
+class SearchPlan:
+    groups: list[ProtocolGroup]
+    """The batched runs."""
+    fallen: pd.DataFrame
+    """The slots whose start fails their candidate's start check (method, candidate, task_id, seed): not
+    trained, their runs are scratch's reference runs (:func:`_fall_back`)."""
+
+
+def plan_search(params: Params, store: TaskStore, models: Path) -> SearchPlan:
     """The batched runs: the slots of each set of candidates that can share a run (same optimisation, see
     the module docstring), in the order of meta_test.search.candidates, split into runs of at most
-    :data:`GROUP_SLOTS` slots."""
+    :data:`GROUP_SLOTS` slots; less the slots whose start fails their candidate's start check."""
     family = params.family.family()
     search = params.meta_test.search
     tasks = store.tasks_of(SEARCH_SPLITS)
     methods = searched_methods(params, models)
     if not methods:
-        return []
+        return SearchPlan([], pd.DataFrame(columns=FALLEN_COLUMNS))
     init, prefill = initial_networks(params, tasks, models, [*methods, "scratch"], search.seeds, search.seed)
     matrix = task_matrix(tasks, family)
     configs = {**search.candidates, SCRATCH_REFERENCE: FinetuneConfig()}
+    n = len(tasks)
+    # one model fraction per (method, seed, task): every candidate's check reads the same start
+    fraction = {m: start_fractions(params, init[m], prefill) for m in methods} \
+        if any(ft.start_check is not None for ft in configs.values()) else {}
     batches: dict[str, list[str]] = {}
     for name, ft in configs.items():  # scratch (the reference) joins the plain-DQN run, if there is one
         if not reuses_scratch(ft):
             batches.setdefault(shared_part(ft).model_dump_json(), []).append(name)
-    n = len(tasks)
-    groups = []
+    groups, fallen = [], []
     for names in batches.values():
         every = [(c, m, s, t) for c in names for m in (["scratch"] if c == SCRATCH_REFERENCE else methods)
                  for s in range(search.seeds) for t in range(n)]
-        for slots in _chunks(every, GROUP_SLOTS):
+        fell = [(c, m, s, t) for c, m, s, t in every
+                if configs[c].start_check is not None and m in fraction
+                and fraction[m][s * n + t] < float(configs[c].start_check)]  # type: ignore[arg-type]
+        fallen.extend(fell)
+        skip = set(fell)
+        kept = [slot for slot in every if slot not in skip]
+        for slots in _chunks(kept, GROUP_SLOTS) if kept else []:
             groups.append(_search_group(slots, names, configs, init, prefill, matrix, tasks, params))
-    return groups
+    return SearchPlan(groups, pd.DataFrame([(m, c, str(tasks["task_id"].iloc[t]), s) for c, m, s, t in fallen],
+                                           columns=FALLEN_COLUMNS))
+
+
+FALLEN_COLUMNS = ["method", "candidate", "task_id", "seed"]
 
 
 GROUP_SLOTS = 96
@@ -167,17 +200,12 @@ def _search_group(slots: list[tuple[str, str, int, int]], names: list[str], conf
     search, n = params.meta_test.search, len(tasks)
     task_ids = [str(tasks["task_id"].iloc[t]) for _, _, _, t in slots]
     seeds = [s for _, _, s, _ in slots]
-    starts = [init[m][s * n + t] for _, m, s, t in slots]
-    contexts = [prefill[s * n + t] for _, _, s, t in slots]
-    thresholds = [configs[c].start_check for c, *_ in slots]
     return ProtocolGroup(
         method="+".join(names), task_ids=task_ids, seeds=seeds, tasks=matrix[[t for *_, t in slots]],
-        init=starts, prefill=contexts,
+        init=[init[m][s * n + t] for _, m, s, t in slots], prefill=[prefill[s * n + t] for _, _, s, t in slots],
         seed=group_seed(search.seed, task_ids, seeds), cfg=finetune_config(params, configs[names[0]]),
         finetune=[configs[c] for c, *_ in slots], candidate="+".join(names),
-        methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots],
-        fallback=failed_start_check(params, starts, contexts, thresholds) if any(
-            q is not None for q in thresholds) else [])
+        methods=[m for _, m, _, _ in slots], candidates=[c for c, *_ in slots])
 
 
 def run_search(params: Params, store: TaskStore, models: Path,
@@ -188,16 +216,17 @@ def run_search(params: Params, store: TaskStore, models: Path,
     family = params.family.family()
     mt = params.meta_test
     c = params.meta_train.context_size
-    groups = plan_search(params, store, models)
+    plan = plan_search(params, store, models)
+    groups = plan.groups
     if not groups:
         log.warning("finetune search: no meta-learned method to search; nothing selected")
         return SearchResult(pd.DataFrame(columns=SUMMARY_COLUMNS), pd.DataFrame(), {})
     learned = {m for g in groups for m in g.methods} - {"scratch"}
-    log.info("finetune search: %d candidates x %d methods x %d validation tasks x %d seeds (+ scratch as the "
-             "reference), in %d batched runs", len(mt.search.candidates), len(learned),
-             len({t for g in groups for t in g.task_ids}), mt.search.seeds, len(groups))
-
     tasks = store.tasks_of(SEARCH_SPLITS)
+    log.info("finetune search: %d candidates x %d methods x %d validation tasks x %d seeds (+ scratch as the "
+             "reference), in %d batched runs; %d runs whose start fails its check are scratch's",
+             len(mt.search.candidates), len(learned), len(tasks), mt.search.seeds, len(groups), len(plan.fallen))
+
     split_of = dict(zip(tasks["task_id"], tasks["split"], strict=True))
     scale = store.return_scale(list(tasks["task_id"]))  # before any training: fail fast
     results = map_groups(functools.partial(finetune_group, family), groups)
@@ -205,12 +234,12 @@ def run_search(params: Params, store: TaskStore, models: Path,
     for group, res in zip(groups, results, strict=True):
         slots = pd.DataFrame({"slot": range(len(group.task_ids)), "task_id": group.task_ids,
                               "method": group.methods, "seed": group.seeds, "candidate": group.candidates,
-                              "fallback": group.fallback or [False] * len(group.task_ids)})
+                              "fallback": False})
         curve = res.curves.merge(slots, on="slot").rename(columns={"eval_return": "return"})
         curve["step"] = curve["step"] + c
         curve["normalised_return"] = scale.column(curve["return"], curve["task_id"])
         frames.append(curve.assign(split=curve["task_id"].map(split_of)).drop(columns="slot"))
-    curves = _reuse_scratch(_fall_back(pd.concat(frames, ignore_index=True)), mt.search.candidates,
+    curves = _reuse_scratch(_fall_back(pd.concat(frames, ignore_index=True), plan.fallen), mt.search.candidates,
                             searched_methods(params, models))
     scores = pd.concat([per_run_scores(g.drop(columns="candidate"), mt.threshold, mt.budget_steps)
                         .assign(candidate=cand) for cand, g in curves.groupby("candidate", sort=False)],
@@ -220,17 +249,16 @@ def run_search(params: Params, store: TaskStore, models: Path,
     return SearchResult(summary, scores, selected)
 
 
-def _fall_back(curves: pd.DataFrame) -> pd.DataFrame:
-    """Scratch's reference curve, on the same (task, seed), for every run whose start failed its candidate's
-    start check (``fallback``), as meta-test does (:func:`~metadqn.evaluation.protocol.splice_scratch`); the
-    ``fallback`` column is kept, so the table can count them."""
-    fell = curves["fallback"].astype(bool)
-    if not fell.any():
+def _fall_back(curves: pd.DataFrame, fallen: pd.DataFrame) -> pd.DataFrame:
+    """``curves`` with scratch's reference curve, on the same (task, seed), as the run of every ``fallen`` slot
+    (method, candidate, task_id, seed: its start failed its candidate's start check, so it was not trained),
+    as meta-test does (:func:`~metadqn.evaluation.protocol.splice_scratch`); they are marked ``fallback``, so
+    the table can count them."""
+    if fallen.empty:
         return curves
-    keys = curves.loc[fell, ["method", "candidate", "task_id", "seed"]].drop_duplicates()
     ref = curves[curves["candidate"] == SCRATCH_REFERENCE].drop(columns=["method", "candidate", "fallback"])
-    spliced = keys.merge(ref, on=["task_id", "seed"]).assign(fallback=True)
-    return pd.concat([curves[~fell], spliced[curves.columns]], ignore_index=True)
+    spliced = fallen.merge(ref, on=["task_id", "seed"]).assign(fallback=True)
+    return pd.concat([curves, spliced[curves.columns]], ignore_index=True)
 
 
 def _reuse_scratch(curves: pd.DataFrame, candidates: dict[str, FinetuneConfig], methods: list[str]) -> pd.DataFrame:
@@ -296,6 +324,11 @@ def summarise_search(scores: pd.DataFrame, curves: pd.DataFrame, params: Params)
     pool = out["eligible"].astype(bool) | ~out["eligible"].astype(bool).groupby(out["method"]).transform("any")
     best = out["selection_score"].where(pool).groupby(out["method"], sort=False).transform("max")
     top = pool & (out["selection_score"] == best)
+    # a tie goes to a candidate that keeps nothing of the start (its runs are scratch's, so validation has
+    # seen everything it does), then to the first listed; see the module docstring
+    cands = params.meta_test.search.candidates
+    fresh = top & out["candidate"].map(lambda c: c in cands and reuses_scratch(cands[c]))
+    top = fresh.where(fresh.groupby(out["method"]).transform("any"), top)
     first = top & ~top.groupby(out["method"]).cumsum().gt(1)
     out["selected"] = first & (out["method"] != "scratch")
     out = out[[c for c in SUMMARY_COLUMNS if c in out.columns]]

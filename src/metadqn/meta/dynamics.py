@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metadqn.dqn.qnetwork import functional_q
+from metadqn.config import Params
+from metadqn.dqn.qnetwork import functional_q, param_shapes
 from metadqn.envs.families import Family
 from metadqn.meta.context import transitions_from_features
 
@@ -131,6 +132,14 @@ class ModelScore:
     """Start states each policy is simulated from (``meta_train.model_score.starts``)."""
     ridge: float = 1e-3
     """The dynamics fit's ridge term (``meta_train.model_score.ridge``)."""
+
+    @classmethod
+    def from_params(cls, params: Params, family: Family) -> ModelScore:
+        """The model score of ``meta_train.model_score``, for the Q-networks of ``dqn.hidden_sizes``: the one
+        builder of select's, siamese's re-ranking's and the start check's."""
+        ms = params.meta_train.model_score
+        shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
+        return cls(family, shapes, ms.starts, ms.ridge)
 
     def __call__(self, flat: Tensor, ctx: Tensor) -> Tensor:
         return model_shortfall(flat, ctx, self.family, self.shapes, self.starts, self.ridge)

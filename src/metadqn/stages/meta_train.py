@@ -31,7 +31,6 @@ from metadqn.data.io import atomic_path, require_finite, write_json
 from metadqn.data.normalise import ReturnScale
 from metadqn.data.store import TaskStore
 from metadqn.dqn.qnetwork import flatten_state_dict, n_params, param_shapes
-from metadqn.envs.families import Family
 from metadqn.fanout import GroupMapper, run_in_process
 from metadqn.learners import get_learner
 from metadqn.meta.context import build_encoder
@@ -123,15 +122,6 @@ def _hypernet_result(data: MetaData, params: Params, fit: Any, oracle: bool, tea
                                        **fit.gate}, fit.curves)
 
 
-def model_score(params: Params, family: Family) -> ModelScore:
-    """The model score of ``meta_train.model_score`` (select's and siamese's re-ranking's)."""
-    from metadqn.meta.dynamics import ModelScore
-
-    ms = params.meta_train.model_score
-    shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
-    return ModelScore(family, shapes, ms.starts, ms.ridge)
-
-
 def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> LearnerResult:
     from metadqn.meta.siamese import SiameseIndex, fit_siamese, index_embeddings, top1_agreement
 
@@ -153,7 +143,7 @@ def train_siamese(data: MetaData, params: Params, scores: np.ndarray) -> Learner
     shapes = param_shapes(family.obs_dim, family.n_actions, params.dqn.hidden_sizes)
     experts = torch.stack([flatten_state_dict(sd, shapes) for sd in data.experts])
     ids = list(data.train.tasks["task_id"])
-    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k, cfg.rerank, model_score(params, family))
+    index = SiameseIndex(fit.encoder, emb, experts, ids, cfg.k, cfg.rerank, ModelScore.from_params(params, family))
     _, nearest = index.neighbours(data.val.contexts.first())
     top1, random_top1 = top1_agreement(nearest[:, 0].numpy(), scores[:, n_train:])
     model = MetaModel(_model_config(params, "siamese", data, k=cfg.k, task_ids=ids, rerank=cfg.rerank),
@@ -201,7 +191,7 @@ def train_select(data: MetaData, params: Params, scores: np.ndarray | None,
     for row, name in zip(fixed, fixed_names, strict=True):
         row.copy_(flatten_state_dict(built[name].initial_params(n_tasks=1)[0], shapes))
     module = SelectQ(data.family, params.dqn.hidden_sizes, hyper, index, fixed, cfg.k, params.dqn.gamma, fixed_names,
-                     cfg.score, model_score=model_score(params, data.family))
+                     cfg.score, model_score=ModelScore.from_params(params, data.family))
     ids = list(data.train.tasks["task_id"]) if index is not None else []
     model = MetaModel(_model_config(params, "select", data, k=cfg.k, task_ids=ids, fixed_names=fixed_names,
                                     select_score=cfg.score), module=module.eval())
