@@ -145,6 +145,25 @@ def test_chunks_cover_every_slot_once_in_near_equal_runs():
         assert [x for r in runs for x in r] == list(range(n))
         sizes = [len(r) for r in runs]
         assert max(sizes) <= most and max(sizes) - min(sizes) <= 1 and len(runs) == -(-n // most)
+    assert [len(r) for r in _chunks(list(range(83)), 96, at_least=2)] == [42, 41]
+    assert len(_chunks(list(range(3)), 96, at_least=5)) == 3  # never an empty run
+
+
+def test_no_search_run_is_longer_than_a_workers_share(tiny_run):
+    """A costly set of candidates (here plain DQN at 8x the gradient steps) is split so that no run costs
+    more than the search's cost / PLANNED_WORKERS (plus one slot): two workers then finish together."""
+    from metadqn.evaluation import search
+    from metadqn.evaluation.protocol import slot_cost
+
+    params, store, meta, _, _ = tiny_run
+    mt = params.meta_test
+    cands = {"heavy": {"dqn": {"gradient_steps": 8 * params.dqn.gradient_steps}}, "light": {"shrink": 0.5}}
+    params = params.model_copy(update={"meta_test": mt.model_copy(update={
+        "search": mt.search.model_validate({"seeds": 1, "candidates": cands})})})
+    groups = search.plan_search(params, store, meta.models).groups
+    total = sum(g.cost for g in groups)
+    one = max(slot_cost(g.cfg) for g in groups)
+    assert len(groups) > 2 and max(g.cost for g in groups) <= total / search.PLANNED_WORKERS + one
 
 
 def test_search_runs_are_capped_and_hold_each_slot_once(tiny_run, monkeypatch):

@@ -111,9 +111,7 @@ class ProtocolGroup:
         """A rough estimate of its training time, only for ordering groups (longest first, see
         ``flows.runners``): slots x (gradient updates + env steps / 8). Measured on 2 cores: a group of 80
         slots with 128 gradient steps per 256 env steps takes ~2.3x one with 32, which this gives (2.4x)."""
-        cfg = self.cfg
-        bursts = max(cfg.total_steps - cfg.learning_starts, 0) / cfg.train_frequency
-        return len(self.task_ids) * (bursts * cfg.gradient_steps + cfg.total_steps / 8)
+        return len(self.task_ids) * slot_cost(self.cfg)
 
     @property
     def label(self) -> str:
@@ -122,6 +120,12 @@ class ProtocolGroup:
         if self.candidates:
             return "search: " + ", ".join(dict.fromkeys(self.candidates))
         return f"{self.method} ({self.candidate})"
+
+
+def slot_cost(cfg: DQNConfig) -> float:
+    """One slot's share of :attr:`ProtocolGroup.cost`: gradient updates + env steps / 8."""
+    bursts = max(cfg.total_steps - cfg.learning_starts, 0) / cfg.train_frequency
+    return bursts * cfg.gradient_steps + cfg.total_steps / 8
 
 
 @dataclass

@@ -38,7 +38,8 @@ share, shrink; see :mod:`metadqn.dqn.levers`) train together in one batched run 
 method, validation task, seed) slot, because a batched run's per-step overhead is paid once for all its
 slots: the default candidates train as two sets instead of one run each (measured on 2 cores, one seed per
 task, seven candidates: 191 s instead of 292 s), each set split into runs of at most :data:`GROUP_SLOTS`
-slots so that two workers share the work evenly. Each slot's result is still that of its own
+slots, and into at least as many as its share of the search's cost asks (:data:`PLANNED_WORKERS`), so that two
+workers share the work evenly. Each slot's result is still that of its own
 configuration; the random draws of a slot depend on its place in the run, so candidates are not compared
 under common random numbers. A candidate that keeps nothing of the start
 (:data:`~metadqn.evaluation.protocol.FRESH`, ``shrink: 0`` and no other lever) is not trained: its runs
@@ -54,6 +55,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,7 @@ from metadqn.evaluation.protocol import (
     group_seed,
     initial_networks,
     reuses_scratch,
+    slot_cost,
     start_fractions,
 )
 from metadqn.evaluation.summary import min_curve_iqm, per_run_scores
@@ -159,7 +162,7 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> SearchPlan:
     for name, ft in configs.items():  # scratch (the reference) joins the plain-DQN run, if there is one
         if not reuses_scratch(ft):
             batches.setdefault(shared_part(ft).model_dump_json(), []).append(name)
-    groups, fallen = [], []
+    sets, fallen = [], []
     for names in batches.values():
         every = [(c, m, s, t) for c in names for m in (["scratch"] if c == SCRATCH_REFERENCE else methods)
                  for s in range(search.seeds) for t in range(n)]
@@ -169,8 +172,12 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> SearchPlan:
         fallen.extend(fell)
         skip = set(fell)
         kept = [slot for slot in every if slot not in skip]
-        for slots in _chunks(kept, GROUP_SLOTS) if kept else []:
-            groups.append(_search_group(slots, names, configs, init, prefill, matrix, tasks, params))
+        if kept:
+            sets.append((names, kept, len(kept) * slot_cost(finetune_config(params, configs[names[0]]))))
+    total = sum(cost for *_, cost in sets)
+    groups = [_search_group(slots, names, configs, init, prefill, matrix, tasks, params)
+              for names, kept, cost in sets
+              for slots in _chunks(kept, GROUP_SLOTS, math.ceil(PLANNED_WORKERS * cost / total - 1e-9))]
     return SearchPlan(groups, pd.DataFrame([(m, c, str(tasks["task_id"].iloc[t]), s) for c, m, s, t in fallen],
                                            columns=FALLEN_COLUMNS))
 
@@ -180,15 +187,23 @@ FALLEN_COLUMNS = ["method", "candidate", "task_id", "seed"]
 
 GROUP_SLOTS = 96
 """The most slots one batched run of the search holds; a larger set of candidates sharing their optimisation
-is split into near-equal runs. Why: the default plan is 152 slots of 128-gradient-step candidates and 192 of
-32-step ones; as two runs on two workers the first was the critical path (the search took 382 s), as four
-runs of <= 96 slots each worker gets about half of each (measured in the README's timing table). With
-hypernet-oracle borrowing the hypernet's choice the plan is 192 and 240 slots: two runs and three."""
+is split into near-equal runs. Why: the default plan was 152 slots of 128-gradient-step candidates and 192
+of 32-step ones; as two runs on two workers the first was the critical path (the search took 382 s), as four
+runs of <= 96 slots each worker got about half of each (measured in the README's timing table)."""
+
+PLANNED_WORKERS = 2
+"""A set of candidates is also split into at least ``ceil(PLANNED_WORKERS x its share of the search's cost)``
+runs (cost: :func:`~metadqn.evaluation.protocol.slot_cost`), so that no run is longer than a worker's fair
+share. Why: at ``294e160`` the plain-DQN set (``dqn``, ``no-damping`` and scratch's reference, 83 slots of
+128 gradient steps a burst) was one run of 4.6 min, the critical path, while the other worker finished the
+two runs of the 32-step set in 2.3 min and waited. A constant, not the runner's worker count: the runs'
+random draws depend on how the slots are split, so the split must not depend on where they run."""
 
 
-def _chunks(slots: list[Any], most: int) -> list[list[Any]]:
-    """``slots`` in ceil(len / most) contiguous runs whose sizes differ by at most one."""
-    k = -(-len(slots) // most)
+def _chunks(slots: list[Any], most: int, at_least: int = 1) -> list[list[Any]]:
+    """``slots`` in max(ceil(len / most), at_least) contiguous runs (never more than len) whose sizes differ
+    by at most one."""
+    k = min(max(-(-len(slots) // most), at_least), len(slots))
     size, extra = divmod(len(slots), k)
     bounds = [i * size + min(i, extra) for i in range(k + 1)]
     return [slots[a:b] for a, b in itertools.pairwise(bounds)]
