@@ -507,12 +507,13 @@ class SearchConfig(_Section):
     """Seed of the search's contexts and runs (independent of meta_test.seed)."""
     candidates: dict[str, FinetuneConfig] = Field(default_factory=lambda: {"dqn": FinetuneConfig()}, min_length=1)
     """Named fine-tuning configurations tried for every meta-learned method; the one with the highest
-    validation AUC IQM is selected (ties: the first listed). Scratch is never searched: it keeps the dqn
-    section, which is tuned for learning from scratch."""
+    validation AUC IQM is selected (ties: a candidate that keeps nothing of the start, ``shrink: 0`` alone,
+    then the first listed). Scratch is never searched: it keeps the dqn section, which is tuned for learning
+    from scratch."""
     guard_final: bool = True
-    """Do no harm at the end of the budget: a candidate whose final return on the validation tasks is
-    significantly below scratch's (paired per (task, seed), the CI at meta_test.confidence entirely below 0)
-    is not selected, whatever its AUC (:mod:`metadqn.evaluation.search`). false: the AUC score alone."""
+    """Do no harm at the end of the budget: a candidate whose final return on the validation tasks is below
+    scratch's (the IQM of the paired per-(task, seed) differences below 0) is not selected, whatever its AUC
+    (:mod:`metadqn.evaluation.search`). false: the AUC score alone."""
 
 
 class MetaTestConfig(_Section):
