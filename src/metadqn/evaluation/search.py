@@ -13,8 +13,9 @@ below scratch's reference runs, paired per (task, seed) (the IQM of the differen
 eligible, whatever its AUC: a start that speeds up the beginning but leaves the network worse at the end of
 the budget (the multitask network of replicate 1 at ``c241054``: validation AUC 0.32 against scratch's 0.28,
 final 0.20 against 0.56) is discarded for ``fresh``, whose difference is exactly 0. The rule is the point
-estimate, not a significance test: until ``a711716`` it asked for the difference's CI to lie entirely below 0,
-and replicate 1 at ``294e160`` kept multitask's start with plain DQN on a validation final difference of
+estimate, not a significance test: until 2026-11-29 (fourth session) it asked for the difference's CI to
+lie entirely below 0, and replicate 1 at ``294e160`` kept multitask's start with plain DQN on a validation
+final difference of
 -0.07 [-0.38, +0.27] (AUC 0.30 against 0.27); on the test tasks it ended at 0.29 against scratch's 0.41, the
 failure of ``c241054`` again. Twelve validation tasks cannot show such a loss significantly, and the cost of
 the stricter rule is small: a start whose final return is truly scratch's is dropped about half the time for
