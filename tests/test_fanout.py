@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from metadqn.fanout import group_label, run_in_process
+from tests.helpers import ROOT
 
 
 def _probe(offset: int, group: int) -> tuple[int, int, int]:
@@ -96,3 +97,18 @@ def test_torch_thread_count_does_not_change_a_training_run():
     np.testing.assert_array_equal(one.best_return, two.best_return)
     for a, b in zip(one.final_params, two.final_params, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_meta_train_submits_reptile_before_the_short_learners():
+    """Reptile's online inner loops take about a hypernet seed's time; in plan order it started last and ran
+    alone at the end of the stage. Longest first, it follows the hypernet seeds."""
+    from flows.runners import submission_order
+
+    from metadqn.config import load_params
+    from metadqn.stages.meta_train import learner_names, plan_jobs
+
+    params = load_params(ROOT / "params.yaml")
+    jobs = plan_jobs(params, learner_names(params))
+    order = [jobs[i].label for i in submission_order(jobs)]
+    assert order == ["hypernet seed 0", "hypernet seed 1", "hypernet seed 2", "reptile", "hypernet-oracle seed 0",
+                     "siamese", "multitask"]

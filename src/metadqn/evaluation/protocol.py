@@ -216,15 +216,22 @@ def start_fractions(params: Params, init: Sequence[StateDict | None],
                     prefill: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     """[K]: start k's model fraction (:meth:`~metadqn.meta.dynamics.ModelScore.fraction`) from its own context
     ``prefill[k]``: the share of the best return its greedy policy gets in the task's model."""
-    if not init:
-        return np.zeros(0)
-    if any(sd is None for sd in init):
+    starts = [sd for sd in init if sd is not None]
+    if len(starts) != len(init):
         raise ValueError("a fresh network (scratch's) has no start to check")
+    if not starts:
+        return np.zeros(0)
     family = params.family.family()
     score = ModelScore.from_params(params, family)
     feats = torch.as_tensor(np.stack([features_from_arrays(ctx, family) for ctx in prefill]))
-    flat = torch.stack([flatten_state_dict(sd, score.shapes) for sd in init if sd is not None]).unsqueeze(1)
+    flat = torch.stack([flatten_state_dict(sd, score.shapes) for sd in starts]).unsqueeze(1)
     return score.fraction(flat, feats)[:, 0].numpy()
+
+
+def fails_check(fraction: float, threshold: float | None) -> bool:
+    """The start check's rule: a start whose model fraction (:func:`start_fractions`) is below the
+    configuration's ``start_check`` fails; without a threshold nothing fails."""
+    return threshold is not None and bool(fraction < threshold)
 
 
 def failed_start_check(params: Params, init: Sequence[StateDict | None], prefill: Sequence[dict[str, np.ndarray]],
@@ -236,7 +243,7 @@ def failed_start_check(params: Params, init: Sequence[StateDict | None], prefill
     out = [False] * len(init)
     frac = start_fractions(params, [init[k] for k in checked], [prefill[k] for k in checked])
     for k, f in zip(checked, frac, strict=True):
-        out[k] = bool(f < float(thresholds[k]))  # type: ignore[arg-type]
+        out[k] = fails_check(f, thresholds[k])
     return out
 
 

@@ -13,13 +13,13 @@ below scratch's reference runs, paired per (task, seed) (the IQM of the differen
 eligible, whatever its AUC: a start that speeds up the beginning but leaves the network worse at the end of
 the budget (the multitask network of replicate 1 at ``c241054``: validation AUC 0.32 against scratch's 0.28,
 final 0.20 against 0.56) is discarded for ``fresh``, whose difference is exactly 0. The rule is the point
-estimate, not a significance test: until 2026-11-29 (fourth session) it asked for the difference's CI to
-lie entirely below 0, and replicate 1 at ``294e160`` kept multitask's start with plain DQN on a validation
-final difference of
--0.07 [-0.38, +0.27] (AUC 0.30 against 0.27); on the test tasks it ended at 0.29 against scratch's 0.41, the
-failure of ``c241054`` again. Twelve validation tasks cannot show such a loss significantly, and the cost of
-the stricter rule is small: a start whose final return is truly scratch's is dropped about half the time for
-``fresh``, which is scratch's runs. If no candidate of a method is eligible, the AUC score alone decides.
+estimate, not a significance test: until 2026-11-29 (fourth session) it asked for the difference's CI to lie
+entirely below 0, and replicate 1 at ``294e160`` kept multitask's start with plain DQN on a validation final
+difference of -0.07 [-0.38, +0.27] (AUC 0.30 against 0.27); on the test tasks it ended at 0.29 against
+scratch's 0.41, the failure of ``c241054`` again. Twelve validation tasks cannot show such a loss
+significantly, and the cost of the stricter rule is small: a start whose final return is truly scratch's is
+dropped about half the time for ``fresh``, which is scratch's runs. If no candidate of a method is eligible,
+the AUC score alone decides.
 
 Ties go to a candidate that keeps nothing of the start (:data:`~metadqn.evaluation.protocol.FRESH`), then to
 the first listed. Why: a candidate whose start check fails on every validation run scores exactly scratch's
@@ -78,6 +78,7 @@ from metadqn.evaluation.metrics import iqm, task_bootstrap_iqm_ci
 from metadqn.evaluation.protocol import (
     Choice,
     ProtocolGroup,
+    fails_check,
     finetune_config,
     finetune_group,
     group_seed,
@@ -173,8 +174,7 @@ def plan_search(params: Params, store: TaskStore, models: Path) -> SearchPlan:
         every = [(c, m, s, t) for c in names for m in (["scratch"] if c == SCRATCH_REFERENCE else methods)
                  for s in range(search.seeds) for t in range(n)]
         fell = [(c, m, s, t) for c, m, s, t in every
-                if configs[c].start_check is not None and m in fraction
-                and fraction[m][s * n + t] < float(configs[c].start_check)]  # type: ignore[arg-type]
+                if m in fraction and fails_check(fraction[m][s * n + t], configs[c].start_check)]
         fallen.extend(fell)
         skip = set(fell)
         kept = [slot for slot in every if slot not in skip]

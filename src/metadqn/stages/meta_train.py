@@ -271,10 +271,24 @@ class FitJob:
         """Its name in logs and the Prefect UI."""
         return self.learner if self.seed is None else f"{self.learner} seed {self.seed}"
 
+    @property
+    def cost(self) -> float:
+        """A rough estimate of its wall time, only for ordering jobs (the flow's mapper submits the longest
+        first, ``flows.runners.submission_order``): :data:`JOB_SECONDS`."""
+        return JOB_SECONDS.get(self.learner, 0.0)
+
+
+JOB_SECONDS = {"hypernet": 100.0, "reptile": 86.0, "hypernet-oracle": 72.0, "siamese": 33.0, "multitask": 30.0}
+"""Wall seconds of one job of each learner at default params on one worker of a 2-core machine (a fresh
+clone of ``7be2332``, 2026-11-29: per hypernet seed 93-111 s, reptile's online inner loops 86 s). Only the
+order of the jobs reads them, never a result: in plan order reptile started last, after siamese, and ran
+alone for 45 s at the end (meta_train 297 s); longest first, two workers finish within a few seconds of
+each other."""
+
 
 def plan_jobs(params: Params, names: list[str]) -> list[FitJob]:
-    """The jobs of the learners that fit something (not those built from others), hypernet seeds first:
-    they are the longest, so two workers that take jobs in this order finish at about the same time."""
+    """The jobs of the learners that fit something (not those built from others), hypernet seeds first (the
+    order of the stage's results; the flow runs them longest first, :attr:`FitJob.cost`)."""
     from metadqn.meta.hypernet import n_seeds
 
     seeds = [FitJob(n, s) for n in names if n in HYPERNETS
