@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,12 @@ def test_throughput_benchmark_script_runs_and_writes_its_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_contention_benchmark_script_runs_and_writes_its_table(tmp_path):
+def test_contention_benchmark_script_runs_and_writes_its_table(tmp_path, prefect_api):
     out = tmp_path / "contention.json"
+    # the session's Prefect server: each of the script's two collects would otherwise start a temporary one
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "contention.py"), "--quick", "--runners", "processes",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["results"]
     assert row["runner"] == "processes" and row["alone_s"] > 0 and row["busy_s"] > 0
